@@ -1,0 +1,28 @@
+# Distill3R: `make demo` runs the whole pipeline on the built-in demo data; `make test` the suite.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lock clean-demo
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+	$(BIN)/python -c "import distill3r, torch, timm, lightning, webdataset, mlflow, dvc, pybullet"
+	touch $(STAMP)
+
+# The whole pipeline on the demo data (CPU, minutes). DVC reruns only what changed.
+demo: setup
+	$(BIN)/dvc repro
+
+test: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Refresh the exact lock of the environment (commit the result).
+lock: setup
+	$(BIN)/pip freeze --exclude-editable | grep -v "^distill3r" > requirements.lock

@@ -1,0 +1,119 @@
+"""Image and depth files, and the one resize rule of the project.
+
+Resize rule (DESIGN.md): never stretch. ``resize_crop`` scales an image uniformly so that it
+covers the target size, then centre-crops; intrinsics and depth follow exactly the same
+transform. Target sizes are multiples of the patch size (``fit_size``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image as RGB uint8 ``[H,W,3]``; ``ValueError`` naming the file if unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: image file not found")
+    data = np.fromfile(str(path), dtype=np.uint8)
+    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if img is None:
+        raise ValueError(f"{path}: not a readable image (corrupt or unsupported format)")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def write_image(path: str | Path, image: np.ndarray) -> None:
+    """Write an RGB uint8 image (format from the suffix)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2BGR)):
+        raise ValueError(f"{path}: could not write image")
+
+
+DEPTH_PNG_SCALE = 1e-4  # metres per unit of a 16-bit depth PNG (0.1 mm)
+
+
+def read_depth(path: str | Path, scale: float = DEPTH_PNG_SCALE) -> np.ndarray:
+    """Metric depth ``[H,W]`` float32, 0 where invalid.
+
+    ``.png``: 16-bit, metres = value * ``scale``; ``.npy``: float metres (non-finite -> 0).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: depth file not found")
+    if path.suffix == ".npy":
+        try:
+            depth = np.load(path, allow_pickle=False).astype(np.float32)
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"{path}: not a readable depth array: {exc}") from exc
+        depth[~np.isfinite(depth)] = 0
+    else:
+        raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if raw is None or raw.ndim != 2:
+            raise ValueError(f"{path}: not a single-channel depth image")
+        depth = raw.astype(np.float32) * np.float32(scale)
+    if depth.ndim != 2:
+        raise ValueError(f"{path}: depth must be 2-D, got shape {depth.shape}")
+    depth[depth < 0] = 0
+    return depth
+
+
+def write_depth_png(path: str | Path, depth: np.ndarray, scale: float = DEPTH_PNG_SCALE) -> None:
+    """Write metric depth as a 16-bit PNG (0 = invalid; values beyond 6.5 m at 0.1 mm -> 0)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    units = np.round(np.asarray(depth, np.float64) / scale)
+    units[~np.isfinite(units) | (units > 65535) | (units < 0)] = 0
+    if not cv2.imwrite(str(path), units.astype(np.uint16)):
+        raise ValueError(f"{path}: could not write depth")
+
+
+def fit_size(height: int, width: int, long_side: int, multiple: int) -> tuple[int, int]:
+    """Target ``(H, W)`` with the long side ``long_side`` and the input's aspect, both rounded
+    to multiples of ``multiple`` (at least one patch). Portrait stays portrait."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"invalid image size {height}x{width}")
+    scale = long_side / max(height, width)
+    h = max(multiple, int(round(height * scale / multiple)) * multiple)
+    w = max(multiple, int(round(width * scale / multiple)) * multiple)
+    return h, w
+
+
+def resize_crop(image: np.ndarray, size: tuple[int, int], K: np.ndarray | None = None,
+                depth: np.ndarray | None = None):
+    """Scale uniformly to cover ``size=(H, W)`` then centre-crop; never stretches.
+
+    Args:
+        image: ``[h,w,C]`` uint8.
+        K: ``[3,3]`` intrinsics of ``image`` (pixel centres at integer coordinates), or None.
+        depth: ``[h,w]`` depth (resized with nearest neighbour so no depths are invented).
+    Returns:
+        ``(image [H,W,C], K' or None, depth' or None)``.
+    """
+    H, W = size
+    h, w = image.shape[:2]
+    s = max(H / h, W / w)
+    nh, nw = max(H, int(round(h * s))), max(W, int(round(w * s)))
+    sx, sy = nw / w, nh / h  # exact per-axis factors after rounding (differ by < 1 px)
+    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(image, (nw, nh), interpolation=interp)
+    x0, y0 = (nw - W) // 2, (nh - H) // 2
+    out = resized[y0:y0 + H, x0:x0 + W]
+    K_out = None
+    if K is not None:
+        K_out = np.asarray(K, np.float64).copy()
+        # pixel centre convention: u' = (u + 0.5) * sx - 0.5 - x0
+        K_out[0, 0] *= sx
+        K_out[1, 1] *= sy
+        K_out[0, 2] = (K_out[0, 2] + 0.5) * sx - 0.5 - x0
+        K_out[1, 2] = (K_out[1, 2] + 0.5) * sy - 0.5 - y0
+    d_out = None
+    if depth is not None:
+        d = cv2.resize(np.asarray(depth, np.float32), (nw, nh), interpolation=cv2.INTER_NEAREST)
+        d_out = d[y0:y0 + H, x0:x0 + W]
+    return np.ascontiguousarray(out), K_out, (None if d_out is None else np.ascontiguousarray(d_out))
