@@ -1,0 +1,53 @@
+"""Image/depth IO and the resize rule (cover + centre crop, never stretch)."""
+
+import numpy as np
+import pytest
+
+from distill3r.data import io
+from distill3r.geometry import depth_to_camera_points, project
+
+
+def test_corrupt_and_missing_image_named(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match="broken.png"):
+        io.read_image(bad)
+    with pytest.raises(ValueError, match="missing.png.*not found"):
+        io.read_image(tmp_path / "missing.png")
+
+
+def test_depth_png_round_trip(tmp_path):
+    depth = np.random.default_rng(0).uniform(0.5, 6.0, size=(10, 12)).astype(np.float32)
+    depth[0, 0] = 0
+    io.write_depth_png(tmp_path / "d.png", depth)
+    back = io.read_depth(tmp_path / "d.png")
+    assert back[0, 0] == 0
+    assert np.max(np.abs(back - depth)) <= 0.5e-4 + 1e-6
+
+
+@pytest.mark.parametrize("src,dst", [((60, 80), (28, 42)), ((80, 60), (42, 28)), ((50, 50), (56, 42))])
+def test_resize_crop_keeps_geometry(src, dst):
+    """A 3-D point seen at pixel p before the resize is seen at the mapped pixel after it."""
+    h, w = src
+    K = np.array([[70.0, 0, (w - 1) / 2 + 1.3], [0, 70.0, (h - 1) / 2 - 0.7], [0, 0, 1]])
+    depth = np.full((h, w), 2.0)
+    img = np.zeros((h, w, 3), np.uint8)
+    out, K2, d2 = io.resize_crop(img, dst, K, depth)
+    assert out.shape[:2] == dst and d2.shape == dst
+    # pixel centres of the output back-projected with K2 must project into the input with K
+    pts = depth_to_camera_points(d2, K2)
+    u, v, _ = project(pts, K)
+    s = max(dst[0] / h, dst[1] / w)
+    x0 = (round(w * s) - dst[1]) // 2
+    y0 = (round(h * s) - dst[0]) // 2
+    uu, vv = np.meshgrid(np.arange(dst[1]), np.arange(dst[0]))
+    assert np.allclose(u, (uu + x0 + 0.5) / (round(w * s) / w) - 0.5, atol=1e-6)
+    assert np.allclose(v, (vv + y0 + 0.5) / (round(h * s) / h) - 0.5, atol=1e-6)
+    assert np.isclose(K2[0, 0] / K2[1, 1], K[0, 0] / K[1, 1], rtol=0.05)  # no stretch
+
+
+def test_fit_size_keeps_orientation():
+    assert io.fit_size(480, 640, 112, 14) == (84, 112)
+    assert io.fit_size(640, 480, 112, 14) == (112, 84)
+    with pytest.raises(ValueError):
+        io.fit_size(0, 10, 112, 14)
