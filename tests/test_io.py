@@ -51,3 +51,21 @@ def test_fit_size_keeps_orientation():
     assert io.fit_size(640, 480, 112, 14) == (112, 84)
     with pytest.raises(ValueError):
         io.fit_size(0, 10, 112, 14)
+
+
+@pytest.mark.parametrize("factor", [2, 3])
+def test_resized_depth_stays_on_the_surface(factor):
+    """Downsampled depth of a tilted plane lies on the same plane when back-projected with K'."""
+    H, W = 42 * factor, 56 * factor
+    K = np.array([[1.1 * W, 0, W / 2], [0, 1.1 * W, H / 2 - 1], [0, 0, 1]])
+    n, d0 = np.array([0.2, -0.3, 1.0]), 3.0  # plane n.x = d0
+    uu, vv = np.meshgrid(np.arange(W), np.arange(H))
+    rays = np.stack([(uu - K[0, 2]) / K[0, 0], (vv - K[1, 2]) / K[1, 1], np.ones_like(uu, float)], -1)
+    depth = d0 / (rays @ n)
+    depth[: H // 3, : W // 3] = 0  # an invalid corner must stay invalid, not be smeared
+    _, K2, d2 = io.resize_crop(np.zeros((H, W, 3), np.uint8), (42, 56), K, depth)
+    pts = depth_to_camera_points(d2, K2)
+    ok = d2 > 0
+    assert ok.mean() > 0.8
+    residual = np.abs(pts[ok] @ n - d0) / d0
+    assert np.median(residual) < 1e-5 and residual.max() < 1e-3

@@ -84,6 +84,25 @@ def fit_size(height: int, width: int, long_side: int, multiple: int) -> tuple[in
     return h, w
 
 
+def _resize_depth(depth: np.ndarray, size_wh: tuple[int, int], max_jump: float = 0.05) -> np.ndarray:
+    """Resample depth at the output pixel centres without inventing surfaces.
+
+    Inverse depth is affine in pixel coordinates on a plane, so bilinear interpolation of
+    ``1/depth`` is exact on planar patches; where the neighbourhood holds invalid pixels or a
+    depth jump larger than ``max_jump`` (relative), the nearest sample is kept instead, so no
+    points float between foreground and background.
+    """
+    valid = depth > 0
+    inv = np.where(valid, 1.0 / np.where(valid, depth, 1.0), 0.0).astype(np.float32)
+    inv_lin = cv2.resize(inv, size_wh, interpolation=cv2.INTER_LINEAR)
+    cover = cv2.resize(valid.astype(np.float32), size_wh, interpolation=cv2.INTER_LINEAR)
+    nearest = cv2.resize(depth, size_wh, interpolation=cv2.INTER_NEAREST_EXACT)
+    smooth = (cover > 0.999) & (inv_lin > 0)
+    lin = np.where(smooth, 1.0 / np.where(smooth, inv_lin, 1.0), 0.0)
+    ok = smooth & (np.abs(lin - nearest) <= max_jump * np.maximum(nearest, 1e-9))
+    return np.where(ok, lin, nearest).astype(np.float32)
+
+
 def resize_crop(image: np.ndarray, size: tuple[int, int], K: np.ndarray | None = None,
                 depth: np.ndarray | None = None):
     """Scale uniformly to cover ``size=(H, W)`` then centre-crop; never stretches.
@@ -114,6 +133,5 @@ def resize_crop(image: np.ndarray, size: tuple[int, int], K: np.ndarray | None =
         K_out[1, 2] = (K_out[1, 2] + 0.5) * sy - 0.5 - y0
     d_out = None
     if depth is not None:
-        d = cv2.resize(np.asarray(depth, np.float32), (nw, nh), interpolation=cv2.INTER_NEAREST)
-        d_out = d[y0:y0 + H, x0:x0 + W]
+        d_out = _resize_depth(np.asarray(depth, np.float32), (nw, nh))[y0:y0 + H, x0:x0 + W]
     return np.ascontiguousarray(out), K_out, (None if d_out is None else np.ascontiguousarray(d_out))

@@ -1,0 +1,173 @@
+"""Build the manifest (one CSV row per frame) from the sources in params ``data``.
+
+Steps, all deterministic:
+1. every source lists its scenes (``distill3r.data.sources``);
+2. ``sample_frac`` keeps a stable, hash-chosen subset of each source's scenes;
+3. scenes with fewer than ``min_frames`` frames are reported and skipped;
+4. each scene goes to ``val`` when ``hash(split_salt, dataset, scene) < val_fraction``, else
+   ``train`` (a scene's split does not depend on the other scenes); with two or more scenes
+   and 0 < val_fraction < 1 each split gets at least one scene (the extreme-hash scene moves);
+5. images whose long edge exceeds ``resize_max`` are resized (aspect kept) into
+   ``images_dir/<dataset>/<scene>/`` with ``K`` scaled and depth resized by nearest neighbour;
+   smaller images are referenced in place. Every image is decoded once to check it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from distill3r.config import DataParams
+from distill3r.data.io import read_depth, read_image, resize_crop, write_depth_png, write_image
+from distill3r.data.manifest import FrameRecord, write_manifest
+from distill3r.data.sources import Frame, Scene, make_source
+
+log = logging.getLogger(__name__)
+
+
+def stable_unit(*parts: str) -> float:
+    """A number in [0, 1) from a SHA-256 of ``parts`` (same on every machine and run)."""
+    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+def validate_data_params(params: DataParams) -> None:
+    checks = [("val_fraction", 0.0 <= params.val_fraction <= 1.0, "must be in [0, 1]"),
+              ("resize_max", params.resize_max >= 1, "must be >= 1"),
+              ("min_frames", params.min_frames >= 1, "must be >= 1")]
+    for key, ok, rule in checks:
+        if not ok:
+            raise ValueError(f"data.{key}={getattr(params, key)!r}: {rule}")
+    if not params.sources:
+        raise ValueError("data.sources: at least one source is needed")
+    for i, src in enumerate(params.sources):
+        if not 0.0 < src.sample_frac <= 1.0:
+            raise ValueError(f"data.sources[{i}].sample_frac={src.sample_frac!r}: "
+                             "must be in (0, 1]")
+
+
+def assign_splits(keys: list[tuple[str, str]], val_fraction: float, salt: str,
+                  ) -> dict[tuple[str, str], str]:
+    """``{(dataset, scene): "train" | "val"}`` by a stable hash of each key."""
+    u = {k: stable_unit(salt, "split", *k) for k in keys}
+    split = {k: ("val" if u[k] < val_fraction else "train") for k in keys}
+    if len(keys) >= 2 and 0.0 < val_fraction < 1.0:
+        if "val" not in split.values():
+            split[min(keys, key=u.get)] = "val"
+        if "train" not in split.values():
+            split[max(keys, key=u.get)] = "train"
+    return split
+
+
+def _resized_paths(images_dir: Path, dataset: str, scene: str,
+                   frame: Frame) -> tuple[Path, Path]:
+    suffix = ".jpg" if frame.image.suffix.lower() in (".jpg", ".jpeg") else ".png"
+    depth_suffix = ".npy" if frame.depth is not None and frame.depth.suffix == ".npy" else ".png"
+    folder = images_dir / dataset / scene
+    stem = f"{frame.frame:06d}"
+    return folder / f"{stem}{suffix}", folder / "depth" / f"{stem}{depth_suffix}"
+
+
+def prepare_frame(dataset: str, split: str, scene: Scene, frame: Frame, resize_max: int,
+                  images_dir: Path) -> tuple[FrameRecord, bool]:
+    """Check (decode) one frame and resize it if needed: ``(record, resized)``."""
+    image = read_image(frame.image)  # ValueError naming the file if unreadable
+    h, w = image.shape[:2]
+    depth = read_depth(frame.depth) if frame.depth is not None else None
+    if depth is not None and depth.shape != (h, w):
+        raise ValueError(f"{frame.depth}: depth is {depth.shape[1]}x{depth.shape[0]} but the "
+                         f"image {frame.image} is {w}x{h}")
+    record = FrameRecord(dataset=dataset, split=split, scene=scene.name, frame=frame.frame,
+                         image=Path(frame.image).resolve(),
+                         depth=None if frame.depth is None else Path(frame.depth).resolve(),
+                         K=frame.K, c2w=frame.c2w)
+    if max(h, w) <= resize_max:
+        return record, False
+    s = resize_max / max(h, w)
+    size = (max(1, int(round(h * s))), max(1, int(round(w * s))))
+    image, K, depth = resize_crop(image, size, frame.K, depth)
+    image_path, depth_path = _resized_paths(images_dir, dataset, scene.name, frame)
+    write_image(image_path, image)
+    record.image, record.K = image_path.resolve(), K
+    if depth is not None:
+        depth_path.parent.mkdir(parents=True, exist_ok=True)
+        if depth_path.suffix == ".npy":
+            np.save(depth_path, depth.astype(np.float32), allow_pickle=False)
+        else:
+            write_depth_png(depth_path, depth)
+        record.depth = depth_path.resolve()
+    return record, True
+
+
+def _collect(params: DataParams, report: dict) -> list[tuple[str, Scene]]:
+    """Scenes kept after sampling and the min_frames rule, as ``(dataset, scene)``."""
+    kept: list[tuple[str, Scene]] = []
+    seen: dict[tuple[str, str], Path] = {}
+    for src_params in params.sources:
+        source = make_source(src_params)
+        scenes = source.scenes()
+        stats = {"kind": source.kind, "root": str(source.root), "scenes_listed": len(scenes),
+                 "scenes_sampled_out": 0, "scenes_too_short": 0}
+        for scene in scenes:
+            key = (source.name, scene.name)
+            if key in seen:
+                raise ValueError(f"{scene.path}: scene {scene.name!r} of dataset {source.name!r} "
+                                 f"also comes from {seen[key]}; give the sources distinct names")
+            seen[key] = scene.path
+            if stable_unit(params.split_salt, "sample", *key) >= src_params.sample_frac:
+                stats["scenes_sampled_out"] += 1
+                continue
+            if len(scene.frames) < params.min_frames:
+                reason = f"{len(scene.frames)} frame(s) < data.min_frames={params.min_frames}"
+                log.warning("%s: skipped: %s", scene.path, reason)
+                report["skipped"].append({"dataset": source.name, "scene": scene.name,
+                                          "path": str(scene.path), "reason": reason})
+                stats["scenes_too_short"] += 1
+                continue
+            kept.append((source.name, scene))
+        report["warnings"].extend(source.warnings)
+        report["datasets"][source.name] = stats
+    return kept
+
+
+def build_manifest(params: DataParams, out_csv: str | Path, images_dir: str | Path,
+                   report_path: str | Path | None = None, progress: bool = False) -> dict:
+    """Write the manifest CSV (and the JSON report if ``report_path``); return the report:
+    ``{"frames", "scenes", "splits": {split: {"scenes", "frames"}}, "resized_frames",
+    "datasets": {name: counts}, "skipped": [{"dataset","scene","path","reason"}], "warnings"}``.
+    """
+    validate_data_params(params)
+    images_dir = Path(images_dir)
+    images_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing is resized
+    report: dict = {"datasets": {}, "skipped": [], "warnings": []}
+    kept = _collect(params, report)
+    if not kept:
+        raise ValueError("data.sources: no scene left after sample_frac and min_frames "
+                         f"(skipped: {report['skipped']})")
+    splits = assign_splits([(d, s.name) for d, s in kept], params.val_fraction, params.split_salt)
+    records, resized = [], 0
+    counts = {"train": {"scenes": 0, "frames": 0}, "val": {"scenes": 0, "frames": 0}}
+    for dataset, scene in tqdm(kept, desc="manifest", unit="scene", disable=not progress):
+        split = splits[(dataset, scene.name)]
+        counts[split]["scenes"] += 1
+        for frame in scene.frames:
+            record, was_resized = prepare_frame(dataset, split, scene, frame, params.resize_max,
+                                                images_dir)
+            records.append(record)
+            resized += was_resized
+            counts[split]["frames"] += 1
+    write_manifest(records, out_csv)
+    report.update(frames=len(records), scenes=len(kept), splits=counts, resized_frames=resized)
+    if report_path is not None:
+        report_path = Path(report_path)
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    log.info("manifest %s: %d frames, train %d / val %d scenes, %d skipped", out_csv,
+             len(records), counts["train"]["scenes"], counts["val"]["scenes"],
+             len(report["skipped"]))
+    return report
