@@ -199,7 +199,7 @@ def start_run(
         tracking_uri: where to log (see :func:`resolve_tracking_uri`); set process-wide.
         experiment: experiment name, created when missing (ignored with ``run_id``).
         tags: extra tags (e.g. ``{"cache.fingerprint": ...}``); they override the automatic
-            git/DVC tags of the same name.
+            git/DVC tags of the same name (automatic tags are only set on a new run).
         system_metrics: sample CPU/memory/disk/network (and GPU) in a background thread.
         system_metrics_interval: seconds between samples (MLflow default 10), for this run only.
         run_id: reopen this existing run instead of creating one.
@@ -212,7 +212,10 @@ def start_run(
     mlflow.set_tracking_uri(tracking_uri)
     if run_id is None:
         _set_experiment(experiment, tracking_uri)
-    all_tags = {**git_tags(repo_root), **dvc_tags(), **dict(tags or {})}
+    # A reopened run (evaluate adding to train's run) keeps the tags of the process that
+    # created it; only explicit tags are added.
+    auto_tags = {**git_tags(repo_root), **dvc_tags()} if run_id is None else {}
+    all_tags = {**auto_tags, **dict(tags or {})}
     interval = None if system_metrics_interval is None else str(float(system_metrics_interval))
     # The monitor reads the interval when the run starts; restore the variable afterwards.
     with _env_override("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", interval):

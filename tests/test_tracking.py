@@ -156,6 +156,20 @@ def test_changed_param_value_is_rejected(server):
             pass
 
 
+def test_reopened_run_keeps_the_creators_tags(server, client, monkeypatch):
+    with start_run({"x": 1}, server, experiment="reopen", system_metrics=False,
+                   tags={"stage": "train"}) as active:
+        pass
+    created = client.get_run(active.info.run_id).data.tags
+    monkeypatch.setenv("DVC_STAGE", "evaluate")
+    with start_run(None, server, run_id=active.info.run_id, system_metrics=False,
+                   tags={"evaluated": "yes"}):
+        pass
+    tags = client.get_run(active.info.run_id).data.tags
+    assert tags["git.commit"] == created["git.commit"] and tags["stage"] == "train"
+    assert tags["evaluated"] == "yes" and "dvc.stage" not in tags
+
+
 def test_lightning_logger_writes_into_existing_run(server, client):
     with start_run({"m": 1}, server, experiment="lightning", system_metrics=False) as active:
         logger = make_lightning_logger(server, "lightning", active.info.run_id)
