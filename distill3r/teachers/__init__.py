@@ -1,1 +1,27 @@
-"""teachers"""
+"""Teachers: one interface (views in, the four maps out at the cache resolution).
+
+``get_teacher(params)`` builds the teacher named by ``params.name``; the Fast3R adapter is
+imported only when asked for, so nothing else ever needs the ``fast3r`` package.
+"""
+
+from __future__ import annotations
+
+from distill3r.config import TeacherParams
+from distill3r.teachers.base import Teacher, TeacherInput, TeacherOutput
+
+TEACHERS = ("groundtruth", "fast3r")
+
+__all__ = ["TEACHERS", "Teacher", "TeacherInput", "TeacherOutput", "get_teacher"]
+
+
+def get_teacher(params: TeacherParams) -> Teacher:
+    """The teacher named ``params.name`` (``ValueError`` for an unknown name)."""
+    if params.name == "groundtruth":
+        from distill3r.teachers.groundtruth import GroundTruthTeacher
+
+        return GroundTruthTeacher(params)
+    if params.name == "fast3r":
+        from distill3r.teachers.fast3r import Fast3RTeacher
+
+        return Fast3RTeacher(params)
+    raise ValueError(f"teacher.name must be one of {', '.join(TEACHERS)}, got {params.name!r}")

@@ -1,0 +1,319 @@
+"""Build the teacher cache: manifest -> view samples -> teacher -> WebDataset shards + index.
+
+Layout of ``out_dir``::
+
+    <split>/shard-000000.tar ...   complete shards (split in train, val)
+    <split>/index.json             shard names, sample counts, teacher, params, fingerprint
+    .build-<fingerprint>/          staging area of a build in progress (removed when done)
+
+Guarantees:
+- Deterministic: the samples, their assignment to shards and (for a deterministic teacher) the
+  shard bytes are a pure function of the manifest and the ``cache``/``teacher`` params. The
+  number of samples per shard is fixed up front (``shard_max_samples``, lowered so that an upper
+  bound of the encoded sample size keeps a shard under ``shard_max_bytes``), never from measured
+  sizes, so independent parts agree on every shard's contents.
+- Atomic and resumable: a shard is written to ``shard-N.tar.tmp-<pid>`` then renamed. A rerun
+  after an interruption (even SIGKILL) deletes stale temp files and builds only missing shards.
+- Parts: ``shard_index=i, num_shards=k`` builds the shards with ``N % k == i``; the index step
+  (``finalize_cache``; automatic when every shard exists) writes ``index.json`` and swaps the
+  staging folder into place. A build with other params (another fingerprint) stages separately,
+  so complete caches are never mixed with or overwritten by a failed run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from distill3r import __version__
+from distill3r.cache.schema import (FORMAT, INDEX_NAME, encode_sample, read_json,
+                                    sample_nbytes_bound)
+from distill3r.config import CacheParams, to_dict
+from distill3r.data.io import read_depth, read_image, resize_crop
+from distill3r.data.manifest import SPLITS, group_scenes, read_manifest
+from distill3r.data.sampling import ViewSample, sample_views
+from distill3r.teachers import Teacher, TeacherInput, get_teacher
+from distill3r.teachers.base import params_digest
+
+STAGING_PREFIX = ".build-"
+log = logging.getLogger(__name__)
+
+
+def shard_name(n: int) -> str:
+    return f"shard-{n:06d}.tar"
+
+
+@dataclass
+class CachePlan:
+    """Everything a build decides before running the teacher."""
+
+    fingerprint: str
+    shards: dict[str, list[list[ViewSample]]]  # split -> shard -> samples
+    samples_per_shard: int
+    skipped: list[dict]
+    manifest_sha256: str
+    manifest_dir: Path
+    cache: CacheParams
+    teacher: Teacher
+
+
+def plan_cache(manifest_csv: str | Path, cache: CacheParams, teacher: Teacher) -> CachePlan:
+    """Sample views and cut the samples of each split into shards (no teacher calls)."""
+    manifest_csv = Path(manifest_csv)
+    if len(cache.image_size) != 2 or min(cache.image_size) < 1:
+        raise ValueError(f"cache.image_size must be [H, W], got {cache.image_size}")
+    records = read_manifest(manifest_csv)
+    samples, skipped = sample_views(group_scenes(records), cache.views_per_sample,
+                                    cache.max_samples_per_scene, cache.sampling,
+                                    cache.frame_stride, cache.seed)
+    H, W = cache.image_size
+    bound = sample_nbytes_bound(cache.views_per_sample, H, W)
+    per_shard = max(1, min(cache.shard_max_samples, cache.shard_max_bytes // bound))
+    if cache.shard_max_bytes < bound:
+        log.warning("cache.shard_max_bytes=%d is below one sample (<= %d bytes): one sample per "
+                    "shard", cache.shard_max_bytes, bound)
+    shards: dict[str, list[list[ViewSample]]] = {}
+    for split in SPLITS:
+        mine = [s for s in samples if s.split == split]
+        shards[split] = [mine[i:i + per_shard] for i in range(0, len(mine), per_shard)]
+    manifest_sha = hashlib.sha256(manifest_csv.read_bytes()).hexdigest()
+    fingerprint = params_digest({"format": FORMAT, "cache": to_dict(cache),
+                                 "teacher": teacher.fingerprint(), "manifest": manifest_sha})
+    return CachePlan(fingerprint, shards, per_shard, skipped, manifest_sha,
+                     manifest_csv.parent.resolve(), cache, teacher)
+
+
+# ---------------------------------------------------------------------------------------------
+# One sample, one shard
+# ---------------------------------------------------------------------------------------------
+def load_sample(sample: ViewSample, size: tuple[int, int]) -> tuple[TeacherInput, dict | None]:
+    """Read and resize the frames of ``sample`` to the cache resolution (never stretched)."""
+    images, depths, Ks = [], [], []
+    for r in sample.frames:
+        image = read_image(r.image)
+        depth = read_depth(r.depth) if r.depth is not None else None
+        if depth is not None and depth.shape != image.shape[:2]:
+            raise ValueError(f"{r.depth}: depth size {depth.shape} differs from image {r.image} "
+                             f"{image.shape[:2]}")
+        img, K, d = resize_crop(image, size, K=r.K, depth=depth)
+        images.append(img)
+        depths.append(d)
+        Ks.append(K)
+    has = {"depth": all(d is not None for d in depths), "K": all(k is not None for k in Ks),
+           "c2w": all(r.c2w is not None for r in sample.frames)}
+    batch = TeacherInput(
+        images=np.stack(images), image_paths=[r.image for r in sample.frames],
+        depth=np.stack(depths).astype(np.float32) if has["depth"] else None,
+        K=np.stack(Ks) if has["K"] else None,
+        c2w=np.stack([r.c2w for r in sample.frames]) if has["c2w"] else None, key=sample.key)
+    gt = {"depth": batch.depth, "K": batch.K, "c2w": batch.c2w} if all(has.values()) else None
+    return batch, gt
+
+
+def _meta(plan: CachePlan, sample: ViewSample) -> dict:
+    return {"dataset": sample.dataset, "scene": sample.scene, "split": sample.split,
+            "sample": sample.sample_id, "frames": sample.frame_ids,
+            "sources": [os.path.relpath(r.image, plan.manifest_dir) for r in sample.frames],
+            "teacher": plan.teacher.name, "teacher_fingerprint": plan.teacher.fingerprint(),
+            "image_size": list(plan.cache.image_size)}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_shard(plan: CachePlan, samples: list[ViewSample], path: Path, bar=None) -> None:
+    """Write ``samples`` to ``path`` atomically (temporary name, fsync, rename)."""
+    import webdataset as wds
+
+    size = tuple(plan.cache.image_size)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            with wds.TarWriter(f, encoder=False, mtime=0.0, user="distill3r",
+                               group="distill3r", mode=0o644) as tar:
+                for sample in samples:
+                    batch, gt = load_sample(sample, size)
+                    out = plan.teacher.predict(batch)
+                    tar.write(encode_sample(sample.key, out, batch.images, gt,
+                                            _meta(plan, sample), plan.cache.conf_max))
+                    if bar is not None:
+                        bar.update(1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Locks, staging, index
+# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _lock(path: Path, what: str, wait: bool = False):
+    """Exclusive ``flock`` on ``path``; ``ValueError`` if held elsewhere (unless ``wait``)."""
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError as exc:
+            raise ValueError(f"{path}: another process is already {what}") from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _locked_by_someone(folder: Path) -> bool:
+    for lock in folder.glob("*.lock"):
+        with open(lock, "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fh, fcntl.LOCK_UN)
+            except BlockingIOError:
+                return True
+    return False
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _split_done(out: Path, split: str, fingerprint: str) -> bool:
+    index = read_json(out / split / INDEX_NAME)
+    return bool(index) and index.get("fingerprint") == fingerprint and all(
+        (out / split / s["name"]).is_file() for s in index.get("shards", []))
+
+
+def _index(plan: CachePlan, split: str, folder: Path) -> dict:
+    shards = [{"name": shard_name(n), "samples": len(s),
+               "bytes": (folder / shard_name(n)).stat().st_size}
+              for n, s in enumerate(plan.shards[split])]
+    return {"format": FORMAT, "split": split, "fingerprint": plan.fingerprint,
+            "num_samples": sum(s["samples"] for s in shards), "shards": shards,
+            "samples_per_shard": plan.samples_per_shard,
+            "image_size": list(plan.cache.image_size),
+            "views_per_sample": plan.cache.views_per_sample,
+            "teacher": plan.teacher.describe(), "cache_params": to_dict(plan.cache),
+            "manifest_sha256": plan.manifest_sha256,
+            "skipped_scenes": [s for s in plan.skipped if s["split"] == split],
+            "distill3r_version": __version__}
+
+
+def finalize_cache(plan: CachePlan, out_dir: str | Path) -> bool:
+    """Index step: when every shard of the plan exists, write each split's ``index.json`` and
+    swap the staged split into ``out_dir/<split>``. Returns False if shards are missing."""
+    out = Path(out_dir)
+    staging = out / f"{STAGING_PREFIX}{plan.fingerprint}"
+    if all(_split_done(out, s, plan.fingerprint) for s in SPLITS):
+        _cleanup(out, keep=None)
+        return True
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(_lock(staging / "finalize.lock", "finalising", wait=True))
+        except FileNotFoundError:  # nothing staged, or a concurrent finalize just removed it
+            return all(_split_done(out, s, plan.fingerprint) for s in SPLITS)
+        todo = [s for s in SPLITS if not _split_done(out, s, plan.fingerprint)]
+        missing = [f"{s}/{shard_name(n)}" for s in todo for n in range(len(plan.shards[s]))
+                   if not (staging / s / shard_name(n)).is_file()]
+        if missing:
+            log.info("cache not complete yet: %d shard(s) missing (e.g. %s)", len(missing),
+                     missing[0])
+            return False
+        for split in todo:
+            folder = staging / split
+            folder.mkdir(parents=True, exist_ok=True)
+            for stale in folder.glob("*.tmp*"):  # e.g. an index.json.tmp of a killed run
+                stale.unlink()
+            _write_json(folder / INDEX_NAME, _index(plan, split, folder))
+            old = out / f".old-{split}-{plan.fingerprint}"
+            if (out / split).exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(out / split, old)
+            os.replace(folder, out / split)
+            shutil.rmtree(old, ignore_errors=True)
+            log.info("cache %s complete: %s", split, out / split)
+    _cleanup(out, keep=None)
+    return True
+
+
+def _cleanup(out: Path, keep: str | None) -> None:
+    """Remove staging folders other than ``keep`` that no live process holds, and leftovers of
+    interrupted swaps."""
+    for folder in out.glob(".old-*"):
+        shutil.rmtree(folder, ignore_errors=True)
+    for folder in out.glob(f"{STAGING_PREFIX}*"):
+        if folder.name != keep and folder.is_dir() and not _locked_by_someone(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+def build_cache(manifest_csv: str | Path, out_dir: str | Path, params, shard_index: int = 0,
+                num_shards: int = 1, progress: bool = True, teacher: Teacher | None = None,
+                finalize: bool = True) -> dict:
+    """Build (part of) the cache; see the module docstring.
+
+    Args:
+        params: an object with ``.cache`` (CacheParams) and ``.teacher`` (TeacherParams).
+        shard_index, num_shards: build only shards ``N`` with ``N % num_shards == shard_index``.
+        teacher: use this teacher instead of ``get_teacher(params.teacher)``.
+        finalize: run the index step when every shard exists (always tried when possible).
+    Returns:
+        ``{"fingerprint", "built", "skipped_shards", "complete"}``.
+    """
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise ValueError(f"need 0 <= shard_index < num_shards, got {shard_index}, {num_shards}")
+    teacher = teacher or get_teacher(params.teacher)
+    plan = plan_cache(manifest_csv, params.cache, teacher)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f"{STAGING_PREFIX}{plan.fingerprint}"
+    todo = []
+    for split in SPLITS:
+        if _split_done(out, split, plan.fingerprint):
+            continue
+        (staging / split).mkdir(parents=True, exist_ok=True)
+        for n, samples in enumerate(plan.shards[split]):
+            if n % num_shards == shard_index:
+                todo.append((split, n, samples))
+    built = 0
+    if todo:
+        with _lock(staging / f"part-{shard_index}-of-{num_shards}.lock", "building this part"):
+            if num_shards == 1:
+                _cleanup(out, keep=staging.name)
+            for split, n, _ in todo:
+                for stale in (staging / split).glob(f"{shard_name(n)}.tmp-*"):
+                    stale.unlink()
+            pending = [t for t in todo if not (staging / t[0] / shard_name(t[1])).is_file()]
+            from tqdm import tqdm
+
+            total = sum(len(t[2]) for t in pending)
+            with tqdm(total=total, disable=not progress, unit="sample",
+                      desc=f"cache part {shard_index}/{num_shards}") as bar:
+                for split, n, samples in pending:
+                    write_shard(plan, samples, staging / split / shard_name(n), bar)
+                    built += 1
+    complete = finalize_cache(plan, out) if finalize else False
+    if finalize and num_shards == 1 and not complete:
+        raise AssertionError("single-part cache build left shards missing")
+    return {"fingerprint": plan.fingerprint, "built": built,
+            "skipped_shards": len(todo) - built, "complete": complete,
+            "shards": {s: len(plan.shards[s]) for s in SPLITS},
+            "samples_per_shard": plan.samples_per_shard}
