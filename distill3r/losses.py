@@ -1,0 +1,135 @@
+"""Confidence-aware distillation loss (REFERENCE section 2, with its defects fixed).
+
+``L = alpha_global * L_global + alpha_local * L_local + gamma_conf * L_conf``
+
+Inputs (``B`` samples, ``N`` views, float32 or bf16; computed in float32 with autocast off):
+pred = the student output dict, target = ``xyz_global``, ``xyz_local`` ``[B,N,H,W,3]``,
+``conf_global``, ``conf_local`` ``[B,N,H,W]`` (teacher, >= 1) and ``mask`` bool ``[B,N,H,W]``.
+
+- Normalisation: prediction and target are each divided by their own mean distance to the
+  origin over valid pixels. Global: one scale per sample shared by all N views (relative view
+  placement matters); local: one scale per view. So the loss is invariant to a rescaling of
+  the prediction.
+- Geometric term of one view: ``sum_valid w * ||p_hat/s_hat - p/s||^2 / N_valid`` with
+  ``w = clamp(conf_teacher / conf_scale, w_min, 1)`` (``weighting="teacher"``), ``1``
+  (``"none"``) or ``clamp(conf_student.detach() / conf_scale, w_min, 1)`` (``"student"``).
+  ``L_global`` / ``L_local`` = mean over all (sample, view) pairs that have a valid pixel.
+- ``L_conf``: L1 between ``log(conf_student)`` and ``log(conf_teacher)`` on valid pixels
+  (per-view mean, then mean over views with valid pixels), averaged over the global and local
+  heads. The log keeps the term bounded (confidences live in [1, ~1e4]; the published L1 on raw
+  ``1 + exp`` values was unbounded); confidences are clamped to [1, float32 max] first so an
+  infinite teacher confidence gives a finite loss.
+- Invalid pixels are replaced (``torch.where``) before any arithmetic, so NaN/inf there never
+  reaches the loss or its gradient. An empty mask gives a loss of exactly 0 that still depends
+  on the prediction (zero gradient, no NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from distill3r.config import LossParams
+
+_EPS = 1e-12
+_MIN_SCALE = 1e-6
+_FMAX = torch.finfo(torch.float32).max
+_WEIGHTINGS = ("teacher", "none", "student")
+_KEYS_PRED = ("xyz_global", "xyz_local", "conf_global", "conf_local")
+
+
+def _norm(p: torch.Tensor) -> torch.Tensor:
+    """``[..., 3] -> [...]`` Euclidean norm, safe gradient at 0 (no ``linalg.vector_norm``)."""
+    return (p * p).sum(-1).clamp_min(_EPS).sqrt()
+
+
+def _masked_view_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``values``, ``valid`` ``[B,N,H,W]`` -> scalar: per-view mean over valid pixels, then mean
+    over the views that have any valid pixel (0 when none has, still attached to the graph)."""
+    count = valid.sum(dim=(2, 3))
+    per_view = torch.where(valid, values, 0.0).sum(dim=(2, 3)) / count.clamp_min(1)
+    has = (count > 0).to(per_view.dtype)
+    return (per_view * has).sum() / has.sum().clamp_min(1)
+
+
+def _geometric(pred: torch.Tensor, targ: torch.Tensor, valid: torch.Tensor,
+               weight: torch.Tensor, per_sample: bool) -> torch.Tensor:
+    """Scale-normalised weighted squared point error; ``per_sample``: one scale per sample
+    (global) instead of per view (local)."""
+    dims = (1, 2, 3) if per_sample else (2, 3)
+    v = valid.to(pred.dtype)
+    count = v.sum(dim=dims, keepdim=True).clamp_min(1)
+    s_pred = ((_norm(pred) * v).sum(dim=dims, keepdim=True) / count).clamp_min(_MIN_SCALE)
+    s_targ = ((_norm(targ) * v).sum(dim=dims, keepdim=True) / count).clamp_min(_MIN_SCALE)
+    diff = pred / s_pred[..., None] - targ / s_targ[..., None]
+    return _masked_view_mean(weight * (diff * diff).sum(-1), valid)
+
+
+def _log_conf(conf: torch.Tensor) -> torch.Tensor:
+    return conf.clamp(1.0, _FMAX).log()
+
+
+class DistillationLoss(nn.Module):
+    """``loss, details = DistillationLoss(params)(pred, target)``; ``details`` holds detached
+    ``loss`` (weighted total), ``loss_global``, ``loss_local``, ``loss_conf``,
+    ``loss_conf_global`` and ``loss_conf_local``."""
+
+    def __init__(self, params: LossParams) -> None:
+        super().__init__()
+        if params.weighting not in _WEIGHTINGS:
+            raise ValueError(f"loss.weighting: unknown {params.weighting!r}; "
+                             f"choose from {_WEIGHTINGS}")
+        if params.conf_scale <= 0:
+            raise ValueError(f"loss.conf_scale must be > 0, got {params.conf_scale}")
+        if not 0.0 <= params.w_min <= 1.0:
+            raise ValueError(f"loss.w_min must be in [0, 1], got {params.w_min}")
+        self.params = params
+
+    def _weight(self, teacher_conf: torch.Tensor, student_conf: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        if p.weighting == "none":
+            return torch.ones_like(teacher_conf)
+        conf = teacher_conf if p.weighting == "teacher" else student_conf.detach()
+        return (conf / p.conf_scale).clamp(p.w_min, 1.0)
+
+    def forward(self, pred: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        _check_inputs(pred, target)
+        with torch.autocast(device_type=target["mask"].device.type, enabled=False):
+            valid = target["mask"].bool()
+            vp = valid[..., None]
+            terms = {}
+            for head in ("global", "local"):
+                p_xyz = torch.where(vp, pred[f"xyz_{head}"].float(), 0.0)
+                t_xyz = torch.where(vp, target[f"xyz_{head}"].float(), 0.0)
+                p_conf = torch.where(valid, pred[f"conf_{head}"].float(), 1.0)
+                t_conf = torch.where(valid, target[f"conf_{head}"].float(), 1.0)
+                weight = self._weight(t_conf, p_conf)
+                terms[f"loss_{head}"] = _geometric(p_xyz, t_xyz, valid, weight,
+                                                   per_sample=head == "global")
+                err = (_log_conf(p_conf) - _log_conf(t_conf)).abs()
+                terms[f"loss_conf_{head}"] = _masked_view_mean(err, valid)
+            terms["loss_conf"] = 0.5 * (terms["loss_conf_global"] + terms["loss_conf_local"])
+            p = self.params
+            loss = (p.alpha_global * terms["loss_global"] + p.alpha_local * terms["loss_local"]
+                    + p.gamma_conf * terms["loss_conf"])
+        details = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
+        return loss, details
+
+
+def _check_inputs(pred: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> None:
+    for key in _KEYS_PRED:
+        if key not in pred:
+            raise ValueError(f"prediction is missing {key!r}")
+    for key in _KEYS_PRED + ("mask",):
+        if key not in target:
+            raise ValueError(f"target is missing {key!r}")
+    mask_shape = tuple(target["mask"].shape)
+    if len(mask_shape) != 4:
+        raise ValueError(f"target['mask'] must be [B,N,H,W], got {mask_shape}")
+    for source, d in (("prediction", pred), ("target", target)):
+        for key in _KEYS_PRED:
+            want = mask_shape + ((3,) if key.startswith("xyz") else ())
+            if tuple(d[key].shape) != want:
+                raise ValueError(f"{source}[{key!r}] has shape {tuple(d[key].shape)}, "
+                                 f"expected {want}")

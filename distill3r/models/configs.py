@@ -1,0 +1,141 @@
+"""Student architecture configuration and the registry of named variants.
+
+A :class:`StudentConfig` fully describes the architecture (it is what ``config.json`` of a
+saved student holds); run-time options such as the DPT-head chunk size are not part of it.
+
+Named variants (``MODEL_CONFIGS`` / :func:`get_config`):
+
+- ``paper``: the published 72M student (REFERENCE section 1): DUNE ViT-S/14 encoder
+  (timm ``vit_small_patch14_reg4_dinov2`` layout, 32x32 position grid), 6-block fusion
+  decoder of width 384, two DPT heads on hooks [0, 3, 4, 6].
+- ``tiny``: a ~5M model with the same structure for tests and the CPU demo (112x112, 4 views).
+- ``fast3r-large``: a Fast3R-sized reference (ViT-L/16 encoder, 24x1024 fusion decoder, heads
+  on [0, 12, 18, 24]); random weights, only for measuring cost. Fast3R's encoder uses 2-D RoPE;
+  this stand-in has no position encoding at all (RoPE has no parameters and little cost).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from distill3r.config import from_dict as _strict_from_dict
+
+XYZ_ACTIVATIONS = ("exp", "linear")
+CONF_ACTIVATIONS = ("expp1",)
+
+
+@dataclass
+class StudentConfig:
+    """Architecture of a student. Hook 0 is the encoder output, hook k >= 1 the output of
+    fusion-decoder block k (the last block's output passes the decoder's final LayerNorm)."""
+
+    name: str
+    patch_size: int = 14
+    img_size: int = 448  # the learned position grid is (img_size // patch_size)^2
+    # encoder (a timm VisionTransformer)
+    enc_dim: int = 384
+    enc_depth: int = 12
+    enc_heads: int = 6
+    enc_mlp_ratio: float = 4.0
+    enc_class_token: bool = True
+    enc_reg_tokens: int = 4
+    enc_pos_embed: str = "learn"  # "learn" (bicubic-resampled per input size) | "none"
+    enc_layerscale: Optional[float] = 1e-5  # LayerScale init value; null: no LayerScale
+    # fusion decoder
+    dec_dim: int = 384
+    dec_depth: int = 6
+    dec_heads: int = 6
+    dec_mlp_ratio: float = 4.0
+    max_views: int = 1000  # size of the image-index embedding table
+    # DPT heads
+    hooks: list[int] = field(default_factory=lambda: [0, 3, 4, 6])
+    dpt_layer_dims: list[int] = field(default_factory=lambda: [96, 192, 384, 768])
+    dpt_feature_dim: int = 256
+    dpt_last_dim: int = 128
+    xyz_activation: str = "exp"
+    conf_activation: str = "expp1"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the offending field for an impossible architecture."""
+        where = f"StudentConfig({self.name!r})"
+        positive = ("patch_size", "img_size", "enc_dim", "enc_depth", "enc_heads", "dec_dim",
+                    "dec_depth", "dec_heads", "max_views", "dpt_feature_dim", "dpt_last_dim")
+        for key in positive:
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{where}: {key} must be positive, got {getattr(self, key)}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"{where}: img_size {self.img_size} is not a multiple of "
+                             f"patch_size {self.patch_size}")
+        for dim, heads, part in ((self.enc_dim, self.enc_heads, "enc"),
+                                 (self.dec_dim, self.dec_heads, "dec")):
+            if dim % heads:
+                raise ValueError(f"{where}: {part}_dim {dim} not divisible by {part}_heads {heads}")
+        if self.dec_dim % 2:
+            raise ValueError(f"{where}: dec_dim must be even (sin-cos index embedding)")
+        if self.enc_reg_tokens < 0:
+            raise ValueError(f"{where}: enc_reg_tokens must be >= 0")
+        if self.enc_pos_embed not in ("learn", "none"):
+            raise ValueError(f"{where}: enc_pos_embed must be 'learn' or 'none', "
+                             f"got {self.enc_pos_embed!r}")
+        hooks = list(self.hooks)
+        if len(hooks) != 4 or hooks != sorted(set(hooks)) or hooks[0] < 0:
+            raise ValueError(f"{where}: hooks must be 4 increasing indices >= 0, got {hooks}")
+        if hooks[-1] != self.dec_depth:
+            raise ValueError(f"{where}: the last hook must be the last decoder block "
+                             f"({self.dec_depth}), got {hooks}")
+        if len(self.dpt_layer_dims) != 4 or min(self.dpt_layer_dims) <= 0:
+            raise ValueError(f"{where}: dpt_layer_dims must be 4 positive ints, "
+                             f"got {self.dpt_layer_dims}")
+        if self.xyz_activation not in XYZ_ACTIVATIONS:
+            raise ValueError(f"{where}: unknown xyz_activation {self.xyz_activation!r}; "
+                             f"choose from {XYZ_ACTIVATIONS}")
+        if self.conf_activation not in CONF_ACTIVATIONS:
+            raise ValueError(f"{where}: unknown conf_activation {self.conf_activation!r}; "
+                             f"choose from {CONF_ACTIVATIONS}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (round-trips through :meth:`from_dict`)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "StudentConfig":
+        """Strict: unknown keys, missing ``name`` or wrong types raise ``ValueError``."""
+        return _strict_from_dict(cls, values, "StudentConfig")
+
+
+def _paper() -> StudentConfig:
+    return StudentConfig(name="paper")
+
+
+def _tiny() -> StudentConfig:
+    return StudentConfig(
+        name="tiny", patch_size=14, img_size=112,
+        enc_dim=192, enc_depth=6, enc_heads=3, enc_reg_tokens=4, enc_layerscale=1.0,
+        dec_dim=192, dec_depth=4, dec_heads=3, hooks=[0, 2, 3, 4],
+        dpt_layer_dims=[32, 64, 128, 256], dpt_feature_dim=64, dpt_last_dim=32,
+    )
+
+
+def _fast3r_large() -> StudentConfig:
+    return StudentConfig(
+        name="fast3r-large", patch_size=16, img_size=512,
+        enc_dim=1024, enc_depth=24, enc_heads=16, enc_class_token=False, enc_reg_tokens=0,
+        enc_pos_embed="none", enc_layerscale=None,
+        dec_dim=1024, dec_depth=24, dec_heads=16, hooks=[0, 12, 18, 24],
+    )
+
+
+_FACTORIES = {"paper": _paper, "tiny": _tiny, "fast3r-large": _fast3r_large}
+MODEL_CONFIGS: dict[str, StudentConfig] = {name: make() for name, make in _FACTORIES.items()}
+
+
+def get_config(name: str) -> StudentConfig:
+    """A fresh copy of the named configuration (safe to modify)."""
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown student config {name!r}; choose from {sorted(_FACTORIES)}")
+    return _FACTORIES[name]()

@@ -1,0 +1,108 @@
+"""Fusion decoder: global self-attention over the tokens of all views.
+
+Tokens of each view are projected (Linear enc_dim -> dec_dim), tagged with a fixed 1-D sin-cos
+image-index embedding (table ``max_views x dec_dim``) added to every token of the view, then
+concatenated over views (``[B, N*P, D]``) and passed through pre-norm transformer blocks with
+global attention (``scaled_dot_product_attention``; no RoPE), then a final LayerNorm on the
+last block's output.
+
+Image indices: view 0 always gets index 0. In eval mode view i gets index i (deterministic).
+In train mode views 1..N-1 of each sample get distinct random indices from 1..max_views-1,
+drawn with torch's global generator on the model's device and **sorted ascending**, so the
+relative order of the views is kept (as at inference) while the model sees indices far beyond
+the training view count (a model trained on few views can run on hundreds).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sincos_table(length: int, dim: int) -> torch.Tensor:
+    """``[length, dim]`` float32: ``[sin(i * w_k), cos(i * w_k)]`` with
+    ``w_k = 10000^(-k / (dim/2))``, ``k < dim/2``."""
+    assert dim % 2 == 0
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    angles = torch.arange(length, dtype=torch.float32)[:, None] * freqs[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, length, dim = x.shape
+        qkv = self.qkv(x).view(b, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(out.transpose(1, 2).reshape(b, length, dim))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))``, ``x + mlp(norm(x))``."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class FusionDecoder(nn.Module):
+    """``[B, N, P, enc_dim]`` -> one ``[B, N, P, dec_dim]`` tensor per requested block."""
+
+    def __init__(self, in_dim: int, dim: int, depth: int, heads: int, mlp_ratio: float,
+                 max_views: int) -> None:
+        super().__init__()
+        self.max_views = max_views
+        self.proj = nn.Linear(in_dim, dim)
+        self.register_buffer("index_table", sincos_table(max_views, dim), persistent=False)
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.apply(_init_weights)
+
+    def view_indices(self, batch: int, views: int, device: torch.device) -> torch.Tensor:
+        """``[B, N]`` int64 image indices (see the module docstring)."""
+        if views > self.max_views:
+            raise ValueError(f"{views} views exceed the image-index table ({self.max_views})")
+        if not self.training or views == 1:
+            return torch.arange(views, device=device).expand(batch, views)
+        others = torch.rand(batch, self.max_views - 1, device=device).argsort(dim=1)
+        others = others[:, : views - 1].sort(dim=1).values + 1
+        zero = torch.zeros(batch, 1, dtype=others.dtype, device=device)
+        return torch.cat([zero, others], dim=1)
+
+    def forward(self, tokens: torch.Tensor, blocks: list[int]) -> list[torch.Tensor]:
+        """``blocks``: 1-based block indices to return (the last block's output is normed)."""
+        b, n, p, _ = tokens.shape
+        x = self.proj(tokens)
+        idx = self.view_indices(b, n, tokens.device)
+        x = x + self.index_table[idx][:, :, None, :].to(x.dtype)
+        x = x.reshape(b, n * p, -1)
+        outputs = []
+        for i, block in enumerate(self.blocks[: max(blocks)], start=1):
+            x = block(x)
+            if i in blocks:
+                y = self.norm(x) if i == len(self.blocks) else x
+                outputs.append(y.view(b, n, p, -1))
+        return outputs
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,118 @@
+"""The student: encoder -> fusion decoder -> global and local DPT heads.
+
+Shapes: images ``[B, N, 3, H, W]`` float in [0, 1], ``H`` and ``W`` multiples of
+``config.patch_size`` (portrait or landscape, any ``N >= 1``). Outputs (float32, OpenCV camera
+axes x right, y down, z forward):
+
+- ``xyz_global`` ``[B, N, H, W, 3]``: points in view 0's camera frame;
+- ``conf_global`` ``[B, N, H, W]``: confidence >= 1;
+- ``xyz_local`` ``[B, N, H, W, 3]``: points in each view's own camera frame;
+- ``conf_local`` ``[B, N, H, W]``.
+
+In ``train()`` mode views 1..N-1 get random sorted image indices from torch's global generator
+(seed it for reproducible runs); in ``eval()`` mode indices are 0..N-1 (deterministic).
+The encoder runs on all views folded into the batch (shared weights). The heads run over the
+``B*N`` views in chunks of ``head_chunk_size`` and write into preallocated outputs, which bounds
+activation memory at inference (``torch.inference_mode``). Nothing is tied to a device.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+
+from distill3r.models.activations import get_activation
+from distill3r.models.configs import StudentConfig, get_config
+from distill3r.models.decoder import FusionDecoder
+from distill3r.models.dpt import DPTHead
+from distill3r.models.dune import load_dune_encoder
+from distill3r.models.encoder import Encoder
+
+log = logging.getLogger(__name__)
+
+
+class Student(nn.Module):
+    def __init__(self, config: StudentConfig, head_chunk_size: int = 8) -> None:
+        super().__init__()
+        if head_chunk_size < 1:
+            raise ValueError(f"head_chunk_size must be >= 1, got {head_chunk_size}")
+        config.validate()
+        self.config = config
+        self.head_chunk_size = head_chunk_size
+        self.encoder = Encoder(config)
+        self.decoder = FusionDecoder(config.enc_dim, config.dec_dim, config.dec_depth,
+                                     config.dec_heads, config.dec_mlp_ratio, config.max_views)
+        in_dims = [config.enc_dim if k == 0 else config.dec_dim for k in config.hooks]
+        head_args = (in_dims, list(config.dpt_layer_dims), config.dpt_feature_dim,
+                     config.dpt_last_dim, 4)
+        self.head_global = DPTHead(*head_args)
+        self.head_local = DPTHead(*head_args)
+        self.xyz_act = get_activation("xyz", config.xyz_activation)
+        self.conf_act = get_activation("conf", config.conf_activation)
+
+    @property
+    def patch_size(self) -> int:
+        return self.config.patch_size
+
+    def _check_input(self, images: torch.Tensor) -> None:
+        if images.ndim != 5 or images.shape[2] != 3:
+            raise ValueError(f"images must be [B, N, 3, H, W], got {tuple(images.shape)}")
+        h, w = images.shape[-2:]
+        if h % self.patch_size or w % self.patch_size or h == 0 or w == 0:
+            raise ValueError(f"image size {h}x{w} is not a positive multiple of the patch size "
+                             f"{self.patch_size}")
+        if images.shape[0] == 0 or images.shape[1] == 0:
+            raise ValueError(f"empty batch or no views: {tuple(images.shape)}")
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._check_input(images)
+        b, n, _, height, width = images.shape
+        grid = (height // self.patch_size, width // self.patch_size)
+        enc = self.encoder(images.reshape(b * n, 3, height, width))  # [B*N, P, Ce]
+        dec_blocks = [k for k in self.config.hooks if k > 0]
+        dec = self.decoder(enc.view(b, n, enc.shape[1], enc.shape[2]), dec_blocks)
+        dec_iter = iter(dec)
+        feats = [enc if k == 0 else next(dec_iter).flatten(0, 1) for k in self.config.hooks]
+        out = {}
+        for name, head in (("global", self.head_global), ("local", self.head_local)):
+            xyz, conf = self._run_head(head, feats, grid, (height, width))
+            out[f"xyz_{name}"] = xyz.view(b, n, height, width, 3)
+            out[f"conf_{name}"] = conf.view(b, n, height, width)
+        return out
+
+    def _run_head(self, head: DPTHead, feats: list[torch.Tensor], grid: tuple[int, int],
+                  size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``head`` over the ``V = B*N`` views in chunks -> ``[V,H,W,3]``, ``[V,H,W]``."""
+        views, device = feats[0].shape[0], feats[0].device
+        xyz = torch.empty(views, *size, 3, dtype=torch.float32, device=device)
+        conf = torch.empty(views, *size, dtype=torch.float32, device=device)
+        for start in range(0, views, self.head_chunk_size):
+            stop = min(start + self.head_chunk_size, views)
+            raw = head([f[start:stop] for f in feats], grid, size).float().permute(0, 2, 3, 1)
+            xyz[start:stop] = self.xyz_act(raw[..., :3])
+            conf[start:stop] = self.conf_act(raw[..., 3])
+        return xyz, conf
+
+
+def count_parameters(model: Student) -> dict[str, int]:
+    """Parameter counts: encoder, decoder, head_global, head_local and total."""
+    parts = {name: sum(p.numel() for p in getattr(model, name).parameters())
+             for name in ("encoder", "decoder", "head_global", "head_local")}
+    parts["total"] = sum(p.numel() for p in model.parameters())
+    return parts
+
+
+def build_student(name: str, encoder_weights: Optional[str] = None,
+                  head_chunk_size: int = 8) -> Student:
+    """The named student (see ``MODEL_CONFIGS``). ``encoder_weights``: a DUNE checkpoint loaded
+    strictly into the encoder, or ``None`` for random initialisation (logged as a warning)."""
+    model = Student(get_config(name), head_chunk_size=head_chunk_size)
+    if encoder_weights is not None:
+        load_dune_encoder(model.encoder.vit, encoder_weights)
+        log.info("student %s: encoder initialised from %s", name, encoder_weights)
+    else:
+        log.warning("student %s: no encoder weights given, encoder starts from random init", name)
+    return model

@@ -1,0 +1,174 @@
+"""DistillationLoss: zero at the target, scale invariance, sensitivity, degenerate inputs."""
+
+import pytest
+import torch
+
+from distill3r.config import LossParams
+from distill3r.losses import DistillationLoss
+
+B, N, H, W = 2, 3, 6, 5
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The test machine's 2 cores are shared: one thread avoids oversubscription stalls."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _target(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    xyz_local = torch.randn(B, N, H, W, 3, generator=g) + torch.tensor([0.0, 0.0, 4.0])
+    return {
+        "xyz_global": xyz_local + torch.randn(B, N, 1, 1, 3, generator=g),
+        "xyz_local": xyz_local,
+        "conf_global": 1 + 20 * torch.rand(B, N, H, W, generator=g),
+        "conf_local": 1 + 20 * torch.rand(B, N, H, W, generator=g),
+        "mask": torch.rand(B, N, H, W, generator=g) > 0.2,
+    }
+
+
+def _pred_from(target: dict, noise: float = 0.0, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    pred = {}
+    for key in ("xyz_global", "xyz_local", "conf_global", "conf_local"):
+        value = target[key] + noise * torch.rand(target[key].shape, generator=g)
+        pred[key] = value.clone().requires_grad_(True)
+    return pred
+
+
+@pytest.mark.parametrize("weighting", ["teacher", "none", "student"])
+def test_zero_when_prediction_equals_target(weighting):
+    target = _target()
+    loss, details = DistillationLoss(LossParams(weighting=weighting))(_pred_from(target), target)
+    assert loss.item() == pytest.approx(0.0, abs=1e-10)
+    assert set(details) >= {"loss", "loss_global", "loss_local", "loss_conf"}
+    assert all(not v.requires_grad for v in details.values())
+
+
+def test_total_is_weighted_sum_of_terms():
+    params = LossParams(alpha_global=2.0, alpha_local=1.0, gamma_conf=0.5)
+    target = _target()
+    loss, d = DistillationLoss(params)(_pred_from(target, noise=0.5), target)
+    expected = 2.0 * d["loss_global"] + 1.0 * d["loss_local"] + 0.5 * d["loss_conf"]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert d["loss_global"] > 0 and d["loss_local"] > 0 and d["loss_conf"] > 0
+
+
+def test_invariant_to_global_rescale_of_prediction():
+    target = _target()
+    pred = _pred_from(target, noise=0.3)
+    loss_fn = DistillationLoss(LossParams())
+    base, _ = loss_fn(pred, target)
+    scaled = dict(pred, xyz_global=pred["xyz_global"] * 7.3, xyz_local=pred["xyz_local"] * 0.02)
+    rescaled, _ = loss_fn(scaled, target)
+    assert base.item() > 0
+    assert rescaled.item() == pytest.approx(base.item(), rel=1e-4)
+
+
+def test_global_scale_is_shared_by_views_local_is_not():
+    target = _target()
+    pred = _pred_from(target)
+    loss_fn = DistillationLoss(LossParams())
+    one_view = torch.ones(B, N, 1, 1, 1)
+    one_view[:, 1] = 3.0  # rescale only view 1
+    pred_s = dict(pred, xyz_global=pred["xyz_global"] * one_view,
+                  xyz_local=pred["xyz_local"] * one_view)
+    _, d = loss_fn(pred_s, target)
+    assert d["loss_local"].item() == pytest.approx(0.0, abs=1e-8)  # per-view scale absorbs it
+    assert d["loss_global"].item() > 1e-3  # a shared scale cannot
+
+
+def test_changes_when_one_view_is_perturbed():
+    target = _target()
+    loss_fn = DistillationLoss(LossParams())
+    pred = _pred_from(target, noise=0.1)
+    base, _ = loss_fn(pred, target)
+    moved = pred["xyz_local"].detach().clone()
+    moved[0, 2] += 0.5
+    perturbed, _ = loss_fn(dict(pred, xyz_local=moved), target)
+    assert perturbed.item() != pytest.approx(base.item(), rel=1e-3)
+
+
+def test_mask_is_used():
+    target = _target()
+    loss_fn = DistillationLoss(LossParams())
+    pred = _pred_from(target)
+    garbage = pred["xyz_global"].detach().clone()
+    garbage[~target["mask"]] = float("nan")  # invalid pixels must not matter
+    loss, _ = loss_fn(dict(pred, xyz_global=garbage), target)
+    assert loss.item() == pytest.approx(0.0, abs=1e-10)
+
+
+def _assert_finite_with_grad(loss: torch.Tensor, pred: dict) -> None:
+    assert torch.isfinite(loss)
+    loss.backward()
+    for key, value in pred.items():
+        assert value.grad is not None, key
+        assert torch.isfinite(value.grad).all(), key
+
+
+def test_empty_mask_gives_zero_with_gradient_path():
+    target = _target()
+    target["mask"][:] = False
+    pred = _pred_from(target, noise=0.5)
+    loss, details = DistillationLoss(LossParams(weighting="student"))(pred, target)
+    assert loss.item() == 0.0 and loss.requires_grad
+    _assert_finite_with_grad(loss, pred)
+
+
+def test_one_empty_view_is_ignored_in_the_average():
+    target = _target()
+    pred = _pred_from(target, noise=0.5)
+    loss_fn = DistillationLoss(LossParams())
+    _, full = loss_fn(pred, target)
+    target["mask"][0, 1] = False
+    loss, part = loss_fn(pred, target)
+    assert torch.isfinite(loss) and part["loss_local"] > 0
+    assert part["loss_local"].item() != pytest.approx(full["loss_local"].item(), rel=1e-6)
+
+
+def test_zero_points_are_finite():
+    target = _target()
+    target["xyz_global"].zero_()
+    target["xyz_local"][0].zero_()
+    pred = _pred_from(target)
+    pred["xyz_local"] = torch.zeros_like(pred["xyz_local"], requires_grad=True)
+    loss, _ = DistillationLoss(LossParams())(pred, target)
+    _assert_finite_with_grad(loss, pred)
+
+
+def test_huge_and_infinite_confidences_are_finite():
+    target = _target()
+    target["conf_global"][0, 0] = 1e30
+    target["conf_local"][1] = float("inf")
+    pred = _pred_from(target, noise=0.2)
+    with torch.no_grad():
+        pred["conf_local"][0, 0] = 1e30
+    loss, details = DistillationLoss(LossParams(weighting="student"))(pred, target)
+    _assert_finite_with_grad(loss, pred)
+    assert all(torch.isfinite(v) for v in details.values())
+
+
+def test_bf16_inputs_under_autocast_computed_in_float32():
+    target = _target()
+    pred = {k: v.detach().bfloat16().requires_grad_(True)
+            for k, v in _pred_from(target, noise=0.3).items()}
+    target_bf16 = {k: (v.bfloat16() if v.is_floating_point() else v) for k, v in target.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = DistillationLoss(LossParams())(pred, target_bf16)
+    assert loss.dtype == torch.float32
+    _assert_finite_with_grad(loss, pred)
+
+
+def test_rejects_bad_inputs_and_params():
+    target = _target()
+    pred = _pred_from(target)
+    loss_fn = DistillationLoss(LossParams())
+    with pytest.raises(ValueError, match="conf_local"):
+        loss_fn({k: v for k, v in pred.items() if k != "conf_local"}, target)
+    with pytest.raises(ValueError, match="xyz_global"):
+        loss_fn(dict(pred, xyz_global=pred["xyz_global"][:, :1]), target)
+    with pytest.raises(ValueError, match="weighting"):
+        DistillationLoss(LossParams(weighting="teacherr"))

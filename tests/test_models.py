@@ -1,0 +1,222 @@
+"""Student: parameter counts, forward/backward on every shape, determinism, checkpoints."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill3r.models import (MODEL_CONFIGS, Student, StudentConfig, build_student,
+                              count_parameters, get_config, load_student, save_student)
+from distill3r.models.activations import get_activation, xyz_exp
+from distill3r.models.dpt import StrideTwoConv
+
+PAPER_PARAMS = 71_969_288
+FAST3R_PARAMS = 647_600_000
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The test machine's 2 cores are shared: one thread avoids oversubscription stalls."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _meta_counts(name: str) -> dict[str, int]:
+    with torch.device("meta"):  # no 2.6 GB allocation for fast3r-large
+        return count_parameters(Student(get_config(name)))
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Student:
+    torch.manual_seed(0)
+    return build_student("tiny", head_chunk_size=3)
+
+
+def _images(b: int, n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(b, n, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def test_paper_parameter_count():
+    counts = _meta_counts("paper")
+    assert abs(counts["total"] - PAPER_PARAMS) / PAPER_PARAMS < 0.005, counts
+    assert counts["encoder"] == pytest.approx(21.9e6, rel=0.01)
+    assert counts["decoder"] == pytest.approx(10.8e6, rel=0.01)
+    assert counts["head_global"] == counts["head_local"] == pytest.approx(19.6e6, rel=0.01)
+
+
+def test_fast3r_large_parameter_count():
+    counts = _meta_counts("fast3r-large")
+    assert abs(counts["total"] - FAST3R_PARAMS) / FAST3R_PARAMS < 0.02, counts
+
+
+def test_tiny_is_small():
+    assert 1e6 < _meta_counts("tiny")["total"] < 10e6
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("hw", [(28, 42), (42, 28)], ids=["landscape", "portrait"])
+def test_forward_backward_every_parameter_gets_a_gradient(tiny, n, hw):
+    tiny.train()
+    tiny.zero_grad(set_to_none=True)
+    h, w = hw
+    out = tiny(_images(2, n, h, w))
+    assert out["xyz_global"].shape == (2, n, h, w, 3)
+    assert out["xyz_local"].shape == (2, n, h, w, 3)
+    assert out["conf_global"].shape == (2, n, h, w)
+    assert out["conf_local"].shape == (2, n, h, w)
+    assert all(v.dtype == torch.float32 for v in out.values())
+    assert (out["conf_global"] >= 1).all() and (out["conf_local"] >= 1).all()
+    loss = sum(v.square().mean() if k.startswith("xyz") else v.mean() for k, v in out.items())
+    loss.backward()
+    for name, param in tiny.named_parameters():
+        assert param.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(param.grad).all(), f"{name} has a non-finite gradient"
+
+
+def test_bf16_autocast_forward_is_finite(tiny):
+    tiny.eval()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tiny(_images(1, 3, 42, 28))
+    for key, value in out.items():
+        assert value.dtype == torch.float32, key
+        assert torch.isfinite(value).all(), f"{key}: {int(value.isnan().sum())} NaN"
+
+
+@pytest.mark.parametrize("hw", [(3, 2), (8, 1), (4, 4)])
+def test_stride_two_conv_is_right_in_bf16(hw):
+    """Regression: oneDNN's bf16 stride-2 conv is wrong when the output is one column wide
+    (images <= 2 patches wide); StrideTwoConv runs those in float32."""
+    torch.manual_seed(0)
+    conv = StrideTwoConv(256)
+    x = torch.randn(3, 256, *hw)
+    with torch.no_grad():
+        ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), stride=2, padding=1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = conv(x)
+    assert low.shape == ref.shape
+    assert (low.double() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_eval_is_deterministic_and_inference_mode_keeps_no_graph(tiny):
+    tiny.eval()
+    x = _images(1, 4, 28, 42, seed=3)
+    with torch.inference_mode():
+        a, b = tiny(x), tiny(x)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+        assert not a[key].requires_grad and a[key].is_inference()
+
+
+def test_chunking_does_not_change_outputs(tiny):
+    tiny.eval()
+    x = _images(2, 3, 28, 28, seed=4)
+    with torch.inference_mode():
+        tiny.head_chunk_size = 1
+        one = tiny(x)
+        tiny.head_chunk_size = 100
+        all_at_once = tiny(x)
+    tiny.head_chunk_size = 3
+    for key in one:
+        torch.testing.assert_close(one[key], all_at_once[key], rtol=1e-5, atol=1e-5)
+
+
+def test_view_indices_train_random_eval_ordered(tiny):
+    decoder = tiny.decoder
+    decoder.eval()
+    assert decoder.view_indices(2, 4, torch.device("cpu")).tolist() == [[0, 1, 2, 3]] * 2
+    decoder.train()
+    torch.manual_seed(1)
+    idx = decoder.view_indices(8, 6, torch.device("cpu"))
+    assert (idx[:, 0] == 0).all()
+    rest = idx[:, 1:]
+    assert (rest >= 1).all() and (rest <= 999).all()
+    assert (rest[:, 1:] > rest[:, :-1]).all()  # distinct and sorted
+    assert not torch.equal(rest, torch.arange(1, 6).expand(8, 5))
+    with pytest.raises(ValueError, match="1000"):
+        decoder.view_indices(1, 1001, torch.device("cpu"))
+
+
+def test_train_mode_outputs_depend_on_view_indices(tiny):
+    tiny.train()
+    x = _images(1, 3, 28, 28, seed=5)
+    with torch.no_grad():
+        torch.manual_seed(0)
+        a = tiny(x)["xyz_global"]
+        torch.manual_seed(0)
+        b = tiny(x)["xyz_global"]
+        torch.manual_seed(1)
+        c = tiny(x)["xyz_global"]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 3, 28, 30), (1, 2, 3, 27, 28), (2, 3, 28, 28),
+                                   (1, 2, 1, 28, 28)])
+def test_rejects_bad_image_shapes(tiny, shape):
+    with pytest.raises(ValueError):
+        tiny(torch.rand(*shape))
+
+
+def test_xyz_activation_is_safe_at_zero():
+    x = torch.zeros(4, 3, requires_grad=True)
+    y = xyz_exp(x)
+    y.sum().backward()
+    assert torch.equal(y, torch.zeros(4, 3)) and torch.isfinite(x.grad).all()
+    v = torch.tensor([[3.0, 4.0, 0.0]])
+    torch.testing.assert_close(xyz_exp(v), v / 5 * torch.expm1(torch.tensor(5.0)))
+    with pytest.raises(ValueError, match="unknown conf activation"):
+        get_activation("conf", "sigmoid")
+
+
+def test_config_registry_and_strict_round_trip():
+    assert set(MODEL_CONFIGS) == {"paper", "tiny", "fast3r-large"}
+    for name in MODEL_CONFIGS:
+        cfg = get_config(name)
+        assert StudentConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="unknown student config"):
+        get_config("huge")
+    with pytest.raises(ValueError, match="unknown key"):
+        StudentConfig.from_dict({**get_config("tiny").to_dict(), "depth": 3})
+    with pytest.raises(ValueError, match="last hook"):
+        StudentConfig.from_dict({**get_config("tiny").to_dict(), "hooks": [0, 2, 3, 9]})
+
+
+def test_save_load_round_trip_identical_outputs(tiny, tmp_path):
+    tiny.eval()
+    save_student(tiny, tmp_path / "student")
+    meta = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert meta["num_params"] == count_parameters(tiny)["total"]
+    assert len(meta["sha256"]) == 64
+    loaded = load_student(tmp_path / "student", device="cpu")
+    assert not loaded.training and loaded.config == tiny.config
+    x = _images(1, 3, 42, 28, seed=7)
+    with torch.inference_mode():
+        a, b = tiny(x), loaded(x)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_load_rejects_missing_or_mismatching_files(tiny, tmp_path):
+    folder = save_student(tiny, tmp_path / "student")
+    with pytest.raises(ValueError, match="config.json"):
+        load_student(tmp_path / "nowhere")
+    meta = json.loads((folder / "config.json").read_text())
+    # a config that does not fit the weights: the error names the differing keys
+    bad = dict(meta, config={**meta["config"], "dec_depth": 3, "hooks": [0, 1, 2, 3]})
+    (folder / "config.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"unexpected keys: decoder\.blocks\.3\."):
+        load_student(folder)
+    wider = dict(meta, config={**meta["config"], "dpt_last_dim": 16})
+    (folder / "config.json").write_text(json.dumps(wider))
+    with pytest.raises(ValueError, match=r"shape mismatches: .*out_conv1\.weight"):
+        load_student(folder)
+    (folder / "config.json").write_text(json.dumps(dict(meta, config={"name": "x", "bogus": 1})))
+    with pytest.raises(ValueError, match="bogus"):
+        load_student(folder)
+    (folder / "config.json").write_text(json.dumps(dict(meta, sha256="0" * 64)))
+    with pytest.raises(ValueError, match="fingerprint"):
+        load_student(folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="model.safetensors"):
+        load_student(folder)
