@@ -130,6 +130,8 @@ class TrainParams:
     grad_clip: float = 1.0
     seed: int = 0
     num_workers: int = 2
+    threads: Optional[int] = None  # torch threads per process; null: torch's default, or
+    # cores / processes per node under CPU DDP (oversubscribed OpenMP threads spin and crawl)
     views: Optional[int] = None  # views per training sample (random subset); null: all cached
     shuffle_view0: bool = False
     color_jitter: float = 0.1
@@ -151,6 +153,9 @@ class EvalParams:
     conf_top_fraction: float = 0.15  # pixels used for the sim(3) alignment
     pnp_reprojection_px: float = 5.0
     seed: int = 0
+    max_points: int = 20000  # points per sample for the KD-tree metrics (deterministic subset)
+    dtype: str = "bf16"  # autocast dtype where the device supports it ("fp32" disables)
+    layout_prior_max_samples: Optional[int] = None  # train samples fitting the layout prior
 
 
 @dataclass
@@ -158,22 +163,33 @@ class InferParams:
     """Inference on a folder of images."""
 
     size: int = 112  # long side in pixels (rounded to the patch size)
-    conf_percentile: float = 10.0
+    conf_percentile: float = 10.0  # keep points whose local confidence is at/above it
     device: str = "auto"
-    max_points: int = 2_000_000
+    max_points: int = 2_000_000  # cap on exported points (deterministic subset)
+    dtype: str = "bf16"  # autocast dtype where the device supports it ("fp32" disables)
+    pnp_reprojection_px: float = 5.0  # camera estimation (PnP-RANSAC inlier threshold)
+    preview_views: int = 6  # views shown in the preview PNG
+    seed: int = 0
 
 
 @dataclass
 class BenchParams:
     """Efficiency benchmark: time and memory versus number of views."""
 
+    profile: str = "cpu"  # "cpu": the fields below; "paper": the published table's shapes (GPU)
     models: list[str] = field(default_factory=lambda: ["paper", "fast3r-large"])
     views: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
     image_size: list[int] = field(default_factory=lambda: [224, 224])  # [H, W]
-    dtype: str = "bf16"
+    model_image_sizes: Optional[list[list[int]]] = None  # one [H, W] per model (overrides)
+    reference: str = "fast3r-large"  # speed-up, compute and memory ratios are taken against it
+    dtype: str = "bf16"  # autocast dtype; weights are also built directly in it (not fp32)
     repeats: int = 3
     warmup: int = 1
     device: str = "auto"
+    threads: int = 0  # CPU threads per row (0: every core this process may use)
+    head_chunk_size: int = 4  # views per DPT-head chunk, the same for every model
+    channels_last: bool = True  # conv weights (and so DPT activations) in channels-last layout
+    seed: int = 0
 
 
 @dataclass

@@ -1,0 +1,430 @@
+"""Efficiency benchmark: inference time, peak memory and FLOPs versus the number of views.
+
+Every (model, views) row runs in a fresh interpreter (``python -m distill3r.bench --row JSON``)
+so rows never share allocator state, caches or a memory high-water mark. The child:
+
+1. sets the torch thread count (``threads``; 0 = every core the process may use) and records
+   the process memory before any model exists (``base_mb``);
+2. builds the named model with seeded random weights directly on the device and directly in
+   the compute dtype (``torch.set_default_dtype`` during construction: a bf16 run never holds
+   fp32 weights, which for the 648M-parameter ``fast3r-large`` halves memory and build time;
+   done for every model so the comparison is even), optionally channels-last conv weights;
+3. runs ``warmup`` forwards, then ``repeats`` timed forwards of one ``[1, N, 3, H, W]`` input
+   under ``torch.inference_mode()`` and autocast(dtype); time = median (CUDA events on GPU);
+4. memory: on CUDA ``max_memory_allocated`` over the forwards (weights included); on CPU the
+   peak resident set (``ru_maxrss``) of the child, i.e. runtime + weights + activations.
+   ``base_mb`` (runtime: interpreter, torch and timm libraries), ``weights_mb`` (added by the
+   model and the input) and ``activation_mb = peak_mb - base_mb - weights_mb`` are reported
+   too; ``net_peak_mb = peak_mb - base_mb`` is the CPU analogue of CUDA's allocated peak.
+
+Each row carries the analytic forward FLOPs (:mod:`distill3r.flops`) so the measured speed
+ratio can be held against the compute ratio. Profiles: ``cpu`` takes models, views and sizes
+from the params; ``paper`` is the published table's setting (views 12..128; 392x518 for a
+patch-14 student, 384x512 for the patch-16 reference), meant for a CUDA machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import psutil
+import torch
+
+from distill3r.config import BenchParams
+from distill3r.devices import autocast, parse_dtype, resolve_device
+from distill3r.flops import forward_flops
+from distill3r.models import MODEL_CONFIGS, build_student, get_config
+
+ROW_MARKER = "DISTILL3R_BENCH_ROW "
+PAPER_VIEWS = [12, 32, 64, 96, 128]
+PAPER_SIZES = {14: [392, 518], 16: [384, 512]}  # by patch size: the published 4:3 inputs
+_MB = 2.0**20
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One row: a model at one shape, with the run settings."""
+
+    model: str
+    views: int
+    height: int
+    width: int
+    dtype: str = "bf16"
+    device: str = "cpu"
+    repeats: int = 3
+    warmup: int = 1
+    threads: int = 0
+    head_chunk_size: int = 4
+    channels_last: bool = True
+    seed: int = 0
+
+
+# Planning (validates the params)
+def _model_sizes(params: BenchParams) -> list[list[int]]:
+    if params.profile == "paper":
+        return [PAPER_SIZES.get(get_config(m).patch_size, params.image_size) for m in params.models]
+    if params.model_image_sizes is None:
+        return [list(params.image_size) for _ in params.models]
+    if len(params.model_image_sizes) != len(params.models):
+        raise ValueError(f"bench.model_image_sizes: {len(params.model_image_sizes)} sizes for "
+                         f"{len(params.models)} models; give one [H, W] per model or null")
+    return [list(size) for size in params.model_image_sizes]
+
+
+def plan_cases(params: BenchParams) -> list[BenchCase]:
+    """The rows to run, models-major; ``ValueError`` naming the ``bench.*`` key for bad params
+    (unknown profile or model, a view count < 1, a size that is not a multiple of the model's
+    patch, bad dtype/device, a ``paper`` profile on a CPU)."""
+    if params.profile not in ("cpu", "paper"):
+        raise ValueError(f"bench.profile: unknown profile {params.profile!r}; use 'cpu' or 'paper'")
+    if not params.models:
+        raise ValueError("bench.models: empty list")
+    unknown = [m for m in params.models if m not in MODEL_CONFIGS]
+    if unknown:
+        raise ValueError(f"bench.models: unknown model(s) {unknown}; choose from "
+                         f"{sorted(MODEL_CONFIGS)}")
+    views = PAPER_VIEWS if params.profile == "paper" else list(params.views)
+    if not views or any(v < 1 for v in views):
+        raise ValueError(f"bench.views: view counts must be >= 1, got {views}")
+    for key in ("repeats", "head_chunk_size"):
+        if getattr(params, key) < 1:
+            raise ValueError(f"bench.{key} must be >= 1, got {getattr(params, key)}")
+    if params.warmup < 0 or params.threads < 0:
+        raise ValueError(f"bench.warmup and bench.threads must be >= 0, got "
+                         f"{params.warmup} and {params.threads}")
+    try:
+        parse_dtype(params.dtype)
+        device = resolve_device(params.device)
+    except ValueError as exc:
+        raise ValueError(f"bench: {exc}") from exc
+    if params.profile == "paper" and device.type == "cpu":
+        raise ValueError("bench.profile 'paper' (up to 128 views of 392x518) is meant for a "
+                         "CUDA device and would take hours on a CPU; use profile 'cpu'")
+    key = "image_size" if params.model_image_sizes is None else "model_image_sizes"
+    cases = []
+    for model, size in zip(params.models, _model_sizes(params)):
+        cfg = get_config(model)
+        if len(size) != 2 or min(size) < 1 or size[0] % cfg.patch_size or size[1] % cfg.patch_size:
+            raise ValueError(f"bench.{key}: {size} (H, W) is not a positive multiple of the "
+                             f"patch size {cfg.patch_size} of model {model!r}")
+        for n in sorted(set(views)):
+            if n > cfg.max_views:
+                raise ValueError(f"bench.views: {n} views exceed model {model!r}'s limit "
+                                 f"({cfg.max_views})")
+            cases.append(BenchCase(
+                model=model, views=n, height=size[0], width=size[1], dtype=params.dtype,
+                device=str(device), repeats=params.repeats, warmup=params.warmup,
+                threads=params.threads, head_chunk_size=params.head_chunk_size,
+                channels_last=params.channels_last, seed=params.seed))
+    return cases
+
+
+# One row (runs inside the child process)
+def _rss_mb() -> float:
+    return psutil.Process().memory_info().rss / _MB
+
+
+def _peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / _MB if sys.platform == "darwin" else peak / 1024.0
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _cpu_threads(requested: int) -> int:
+    if requested > 0:
+        return requested
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _time_forward(model: torch.nn.Module, images: torch.Tensor) -> tuple[float, float]:
+    """Wall seconds of one forward and the process CPU seconds it used (the latter is robust
+    to other programs on a shared CPU when ``threads`` is 1; meaningless on CUDA)."""
+    cpu_begin = time.process_time()
+    if images.device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = model(images)
+        end.record()
+        torch.cuda.synchronize(images.device)
+        seconds = start.elapsed_time(end) / 1000.0
+    else:
+        begin = time.perf_counter()
+        out = model(images)
+        seconds = time.perf_counter() - begin
+    del out  # never hold one output while the next forward runs
+    return seconds, time.process_time() - cpu_begin
+
+
+def measure_case(case: BenchCase) -> dict:
+    """Build, warm up and time one case in this process; returns the row (see module doc)."""
+    device, dtype = torch.device(case.device), parse_dtype(case.dtype)
+    threads = _cpu_threads(case.threads)
+    torch.set_num_threads(threads)
+    cuda = device.type == "cuda"
+    base_mb = torch.cuda.memory_allocated(device) / _MB if cuda else _rss_mb()
+    torch.manual_seed(case.seed)
+    with torch.device(device), _default_dtype(dtype):
+        model = build_student(case.model, head_chunk_size=case.head_chunk_size).eval()
+    if case.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(case.seed + 1)
+    images = torch.rand(1, case.views, 3, case.height, case.width, generator=generator).to(device)
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    model_mb = torch.cuda.memory_allocated(device) / _MB if cuda else _rss_mb()
+    build_peak_mb = None if cuda else _peak_rss_mb()
+    row = dataclasses.asdict(case)
+    row.update(threads=threads, params=sum(p.numel() for p in model.parameters()))
+    try:
+        with torch.inference_mode(), autocast(device, dtype):
+            for _ in range(case.warmup):
+                _time_forward(model, images)
+            seconds, cpu = zip(*[_time_forward(model, images) for _ in range(case.repeats)])
+    except torch.OutOfMemoryError:
+        row.update(oom=True, seconds=None, peak_mb=None)
+        return row
+    peak_mb = torch.cuda.max_memory_allocated(device) / _MB if cuda else _peak_rss_mb()
+    flops = forward_flops(model.config, case.views, case.height, case.width)
+    median = statistics.median(seconds)
+    row.update(
+        oom=False, seconds=median, seconds_min=min(seconds), seconds_all=list(seconds),
+        cpu_seconds=None if cuda else statistics.median(cpu),
+        gflops=flops["total"] / 1e9, **{f"gflops_{k}": v / 1e9 for k, v in flops.items()
+                                        if k != "total"},
+        tflops_per_s=flops["total"] / median / 1e12,
+        memory="cuda_max_allocated" if cuda else "peak_rss",
+        peak_mb=peak_mb, base_mb=base_mb, weights_mb=model_mb - base_mb,
+        activation_mb=peak_mb - model_mb, net_peak_mb=peak_mb - base_mb,
+        build_peak_mb=build_peak_mb)
+    return row
+
+
+# Orchestration (parent process)
+def run_case(case: BenchCase, timeout: Optional[float] = None) -> dict:
+    """Run one case in a fresh ``python -m distill3r.bench --row`` process; the row it prints.
+    A child killed by SIGKILL (the CPU out-of-memory killer) gives a row with ``oom: true``."""
+    cmd = [sys.executable, "-m", "distill3r.bench", "--row", json.dumps(dataclasses.asdict(case))]
+    env = dict(os.environ, OMP_NUM_THREADS=str(_cpu_threads(case.threads)))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode == -9:
+        return dict(dataclasses.asdict(case), oom=True, seconds=None, peak_mb=None)
+    rows = [line[len(ROW_MARKER):] for line in proc.stdout.splitlines()
+            if line.startswith(ROW_MARKER)]
+    if proc.returncode != 0 or len(rows) != 1:
+        raise RuntimeError(f"bench row {case} failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-3000:]}")
+    return json.loads(rows[0])
+
+
+def run_bench(params: BenchParams, log: Callable[[str], None] = print) -> list[dict]:
+    """Every planned row, each in its own process, in order."""
+    rows = []
+    for case in plan_cases(params):
+        begin = time.perf_counter()
+        row = run_case(case)
+        rows.append(row)
+        if row.get("oom"):
+            log(f"  {case.model:>12} {case.views:4d} views: out of memory")
+        else:
+            log(f"  {case.model:>12} {case.views:4d} views {case.height}x{case.width}: "
+                f"{row['seconds']:.3f} s, peak {row['peak_mb']:.0f} MB "
+                f"(row took {time.perf_counter() - begin:.0f} s)")
+    return rows
+
+
+# Summary, table, report files
+def _increments(pairs: list[tuple[int, float]]) -> list[float]:
+    return [(b - a) / (vb - va) for (va, a), (vb, b) in zip(pairs, pairs[1:])]
+
+
+def summarize(rows: list[dict], reference: str) -> dict:
+    """Per model: memory growth per added view; against ``reference`` (when both ran) per view
+    count: ``speedup`` (reference time / model time), ``compute_ratio`` (reference FLOPs / model
+    FLOPs), ``speed_vs_compute`` (their quotient), ``memory_ratio`` (peak / reference peak) and
+    ``net_memory_ratio`` (``net_peak_mb`` ratio); plus the issue's checks at the largest views."""
+    ok = {(r["model"], r["views"]): r for r in rows if not r.get("oom")}
+    summary: dict = {"reference": reference, "models": {}}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = sorted((v, r) for (m, v), r in ok.items() if m == model)
+        entry: dict = {
+            "peak_mb_per_view": _increments([(v, r["peak_mb"]) for v, r in mine]),
+            "views_pairs": [[a, b] for (a, _), (b, _) in zip(mine, mine[1:])],
+        }
+        if len(mine) >= 2:
+            (v0, r0), (v1, r1) = mine[0], mine[-1]
+            entry["mean_mb_per_view"] = (r1["peak_mb"] - r0["peak_mb"]) / (v1 - v0)
+        if model != reference:
+            ratios = {}
+            for views, r in mine:
+                ref = ok.get((reference, views))
+                if ref is None:
+                    continue
+                speedup = ref["seconds"] / r["seconds"]
+                compute = ref["gflops"] / r["gflops"]
+                ratios[f"views_{views}"] = {
+                    "views": views, "speedup": speedup, "compute_ratio": compute,
+                    "speed_vs_compute": speedup / compute,
+                    "memory_ratio": r["peak_mb"] / ref["peak_mb"],
+                    "net_memory_ratio": r["net_peak_mb"] / ref["net_peak_mb"]}
+                if r.get("cpu_seconds") and ref.get("cpu_seconds"):  # CPU-time cross-check
+                    ratios[f"views_{views}"]["cpu_time_speedup"] = (ref["cpu_seconds"]
+                                                                    / r["cpu_seconds"])
+            entry["vs_reference"] = ratios
+            entry["checks"] = _checks(list(ratios.values()), entry)
+        summary["models"][model] = entry
+    return summary
+
+
+def _checks(ratios: list[dict], entry: dict) -> dict:
+    """The issue's targets for a student against the reference (True/False; {} if no pairs)."""
+    if not ratios:
+        return {}
+    top, last = ratios[-2:], ratios[-1]
+    steps = entry["peak_mb_per_view"]
+    return {
+        "speed_vs_compute_ge_80pct_top2": all(r["speed_vs_compute"] >= 0.8 for r in top),
+        "speedup_ge_2p5_largest": last["speedup"] >= 2.5,
+        "memory_le_third_largest": last["memory_ratio"] <= 1 / 3,
+        "net_memory_le_third_largest": last["net_memory_ratio"] <= 1 / 3,
+        # at most linear: the last increment per view is no steeper than the mean (+5 MB slack)
+        "memory_at_most_linear": (not steps
+                                  or steps[-1] <= entry.get("mean_mb_per_view", 0.0) + 5.0),
+    }
+
+
+def format_table(rows: list[dict], summary: dict) -> str:
+    """A plain-text table of the rows and the ratios against the reference."""
+    head = (f"{'model':>12} {'views':>5} {'HxW':>8} {'params':>7} {'GFLOP':>8} {'s':>8} "
+            f"{'cpu s':>8} {'TFLOP/s':>7} {'peak MB':>8} {'net MB':>7} {'act MB':>7}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        shape = f"{r['height']}x{r['width']}"
+        if r.get("oom"):
+            lines.append(f"{r['model']:>12} {r['views']:5d} {shape:>8}   out of memory")
+            continue
+        lines.append(
+            f"{r['model']:>12} {r['views']:5d} {shape:>8} {r['params'] / 1e6:6.1f}M "
+            f"{r['gflops']:8.1f} {r['seconds']:8.3f} {r.get('cpu_seconds') or 0:8.3f} "
+            f"{r['tflops_per_s']:7.3f} "
+            f"{r['peak_mb']:8.0f} {r['net_peak_mb']:7.0f} {r['activation_mb']:7.0f}")
+    for model, entry in summary["models"].items():
+        steps = ", ".join(f"{a}->{b}: {s:.1f}" for (a, b), s in
+                          zip(entry["views_pairs"], entry["peak_mb_per_view"]))
+        lines.append(f"{model}: peak MB per added view {steps}")
+        for ratio in entry.get("vs_reference", {}).values():
+            lines.append(
+                f"  vs {summary['reference']} at {ratio['views']:3d} views: speed-up "
+                f"{ratio['speedup']:.2f}x, compute ratio {ratio['compute_ratio']:.2f}x "
+                f"(speed/compute {ratio['speed_vs_compute']:.2f}), memory "
+                f"{ratio['memory_ratio']:.2f} (net {ratio['net_memory_ratio']:.2f})"
+                + (f", CPU-time speed-up {ratio['cpu_time_speedup']:.2f}x"
+                   if "cpu_time_speedup" in ratio else ""))
+        for name, passed in entry.get("checks", {}).items():
+            lines.append(f"  check {name}: {'pass' if passed else 'FAIL'}")
+    return "\n".join(lines)
+
+
+def write_report(rows: list[dict], summary: dict, settings: dict, path: str | Path) -> Path:
+    """``bench.json``: ``rows`` (a list, for plots and people), ``metrics`` (the same numbers
+    keyed ``model -> views_N``, which ``dvc metrics show`` reads), ``summary``, ``settings``."""
+    keys = ("seconds", "peak_mb", "net_peak_mb", "activation_mb", "gflops", "params")
+    metrics = {}
+    for r in rows:
+        if not r.get("oom"):
+            metrics.setdefault(r["model"], {})[f"views_{r['views']}"] = {k: r[k] for k in keys}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"settings": settings, "rows": rows, "metrics": metrics, "summary": summary}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def plot_report(rows: list[dict], summary: dict, path: str | Path) -> Path:
+    """Time and peak memory versus views for every model, and speed-up against compute ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = sorted((r for r in rows if r["model"] == model and not r.get("oom")),
+                      key=lambda r: r["views"])
+        views = [r["views"] for r in mine]
+        line = axes[0].plot(views, [r["seconds"] for r in mine], "o-", label=model)[0]
+        axes[1].plot(views, [r["peak_mb"] for r in mine], "o-", color=line.get_color(),
+                     label=f"{model} peak")
+        axes[1].plot(views, [r["net_peak_mb"] for r in mine], "o--", color=line.get_color(),
+                     label=f"{model} peak - runtime")
+        ratios = list(summary["models"].get(model, {}).get("vs_reference", {}).values())
+        if ratios:
+            rv = [q["views"] for q in ratios]
+            axes[2].plot(rv, [q["speedup"] for q in ratios], "o-", color=line.get_color(),
+                         label=f"{model}: measured speed-up")
+            axes[2].plot(rv, [q["compute_ratio"] for q in ratios], "s:",
+                         color=line.get_color(), label=f"{model}: FLOP ratio")
+    titles = ("inference time (s)", "memory (MB)", f"ratio vs {summary['reference']}")
+    for ax, title in zip(axes, titles):
+        ax.set_xlabel("views")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def bench_stage(params: BenchParams, out_json: str | Path, out_plot: str | Path,
+                log: Callable[[str], None] = print) -> dict:
+    """Run every row, write ``out_json`` and ``out_plot``, log the table; returns the summary."""
+    cases = plan_cases(params)
+    log(f"bench: {len(cases)} rows ({params.profile} profile, {params.dtype}, "
+        f"{cases[0].device}), one process each")
+    rows = run_bench(params, log)
+    summary = summarize(rows, params.reference)
+    settings = dict(dataclasses.asdict(params), device_resolved=cases[0].device,
+                    torch=torch.__version__, cpu_threads=_cpu_threads(params.threads))
+    write_report(rows, summary, settings, out_json)
+    plot_report(rows, summary, out_plot)
+    log(format_table(rows, summary))
+    return summary
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Child entry point: ``python -m distill3r.bench --row '{"model": ..., ...}'``."""
+    parser = argparse.ArgumentParser(description="Measure one benchmark row (internal).")
+    parser.add_argument("--row", required=True, help="a BenchCase as JSON")
+    args = parser.parse_args(argv)
+    case = BenchCase(**json.loads(args.row))
+    print(ROW_MARKER + json.dumps(measure_case(case)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

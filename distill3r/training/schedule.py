@@ -1,0 +1,91 @@
+"""Optimiser and learning-rate schedule: AdamW with a no-decay group, warmup then cosine.
+
+Steps are *optimiser* steps (what Lightning counts in ``global_step`` and ``max_steps``): one step
+consumes ``devices * num_nodes * batch_size * accumulate_grad_batches`` samples. The schedule
+length comes from the trainer (``Trainer.estimated_stepping_batches``), which already accounts
+for devices and gradient accumulation, so the cosine really reaches ``min_lr`` at the last step
+(the published recipe computed it from the per-GPU batch count and never decayed).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+# Parameter names (substrings) that never get weight decay: positional embeddings and learned
+# tokens are not weights of a linear map, and shrinking them towards zero only hurts.
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "register_tokens", "mask_token",
+                  "camera_token")
+NO_DECAY_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.Embedding, nn.modules.batchnorm._BatchNorm,
+                    nn.modules.instancenorm._InstanceNorm)
+
+
+def _no_decay(module: nn.Module, param_name: str, full_name: str, param: torch.Tensor) -> bool:
+    if isinstance(module, NO_DECAY_MODULES) or "norm" in type(module).__name__.lower():
+        return True
+    if param_name == "bias" or param.ndim < 2:
+        return True
+    return any(key in full_name for key in NO_DECAY_NAMES)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: ``decay`` (weight matrices, conv kernels) and ``no_decay`` (norms,
+    biases, embeddings, positional embeddings and learned tokens). Frozen parameters are left
+    out. Every trainable parameter is in exactly one group."""
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            full = f"{module_name}.{name}" if module_name else name
+            (no_decay if _no_decay(module, name, full, param) else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak learning rate at optimiser step ``step`` (0-based).
+
+    Linear warmup from ``1/warmup`` to 1 over steps ``0..warmup_steps-1``, then a cosine from 1
+    (step ``warmup_steps``) to ``min_ratio`` (``min_lr / lr``) at the last step
+    ``total_steps - 1``; ``min_ratio`` after. ``warmup_steps`` is capped at ``total_steps``.
+    """
+    total_steps = max(int(total_steps), 1)
+    warmup_steps = min(max(int(warmup_steps), 0), total_steps)
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = total_steps - warmup_steps
+    if decay_steps <= 0:
+        return 1.0
+    progress = min((step - warmup_steps) / max(decay_steps - 1, 1), 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, lr: float, betas: Iterable[float], weight_decay: float,
+                    min_lr: float, warmup_steps: int, total_steps: int):
+    """AdamW over :func:`param_groups` plus a per-step ``LambdaLR`` of :func:`lr_factor`.
+
+    Returns ``(optimizer, scheduler)``. Raises ``ValueError`` for an inconsistent setting.
+    """
+    betas = tuple(float(b) for b in betas)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"train.betas must be two numbers in [0, 1), got {list(betas)}")
+    if lr <= 0 or min_lr < 0 or min_lr > lr:
+        raise ValueError(f"train.lr ({lr}) must be > 0 and train.min_lr ({min_lr}) in [0, lr]")
+    if total_steps < 1:
+        raise ValueError(f"the schedule needs at least one optimiser step, got {total_steps}")
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
+    ratio = min_lr / lr
+
+    def factor(step: int) -> float:
+        return lr_factor(step, total_steps, warmup_steps, ratio)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return optimizer, scheduler

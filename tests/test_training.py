@@ -1,0 +1,349 @@
+"""Training stage: schedule, param groups, augmentation, DDP-safe batching, checkpoints, errors,
+and short in-process runs on a tiny real cache (box rooms -> cache writer -> train)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from distill3r.geometry import depth_to_camera_points, invert_pose, transform_points
+from distill3r.models import build_student, load_student
+from distill3r.training import run as run_module
+from distill3r.training.augment import Augmenter, choose_views, color_jitter, sample_rng
+from distill3r.training.callbacks import AtomicCheckpointIO
+from distill3r.training.data import CacheBatches, split_shards
+from distill3r.training.module import NonFiniteLossError
+from distill3r.training.run import resolve_precision, train
+from distill3r.training.schedule import build_optimizer, lr_factor, param_groups
+from training_helpers import build_tiny_cache, tiny_params
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """Train: 5 scenes x 3 samples = 15 in shards of 4, 4, 4, 3; val: 2 x 3 = 6 (4, 2)."""
+    root = tmp_path_factory.mktemp("tiny_cache")
+    return build_tiny_cache(root, tiny_params(), num_scenes=7, val_scenes=2)
+
+
+def _uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule and optimiser
+# ----------------------------------------------------------------------------------------------
+def test_lr_warmup_then_cosine_to_min_at_last_step():
+    ratio = 0.1
+    f = [lr_factor(s, 20, 5, ratio) for s in range(25)]
+    assert f[0] == pytest.approx(1 / 5) and f[4] == pytest.approx(1.0)
+    assert f[5] == pytest.approx(1.0)  # cosine starts at the peak
+    assert all(a >= b for a, b in zip(f[5:20], f[6:20]))  # monotone decay
+    assert f[19] == pytest.approx(ratio) and f[24] == pytest.approx(ratio)
+    assert lr_factor(3, 4, 100, ratio) == pytest.approx(1.0)  # warmup capped at the total
+
+
+def test_param_groups_no_decay_for_norms_biases_tokens():
+    model = build_student("tiny")
+    groups = {g["name"]: g for g in param_groups(model, 0.05)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}
+    decay = {names[id(p)] for p in groups["decay"]["params"]}
+    assert not no_decay & decay and no_decay | decay == set(names.values())
+    assert groups["no_decay"]["weight_decay"] == 0.0 and groups["decay"]["weight_decay"] == 0.05
+    for key in ("encoder.vit.pos_embed", "encoder.vit.cls_token", "encoder.vit.reg_token",
+                "encoder.vit.blocks.0.norm1.weight", "encoder.vit.blocks.0.attn.qkv.bias"):
+        assert key in no_decay
+    for key in ("encoder.vit.blocks.0.attn.qkv.weight", "encoder.vit.patch_embed.proj.weight"):
+        assert key in decay
+    optimizer, scheduler = build_optimizer(model, 1e-3, [0.9, 0.95], 0.05, 1e-4, 2, 10)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([5e-4, 5e-4])
+    with pytest.raises(ValueError, match="min_lr"):
+        build_optimizer(model, 1e-3, [0.9, 0.95], 0.05, 1e-2, 2, 10)
+
+
+def test_bf16_falls_back_to_fp32_on_cpu_without_bf16(monkeypatch):
+    monkeypatch.setattr(run_module, "cpu_bf16_supported", lambda: False)
+    with pytest.warns(UserWarning, match="falling back"):
+        assert resolve_precision("bf16-mixed", "cpu") == "32-true"
+    monkeypatch.setattr(run_module, "cpu_bf16_supported", lambda: True)
+    assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+
+
+def test_threads_explicit_or_split_between_cpu_ranks():
+    before = torch.get_num_threads()
+    try:
+        one = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+        assert run_module.set_threads(None, one) == before
+        assert run_module.set_threads(1, one) == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="train.threads"):
+        run_module.check_train_params(tiny_params(threads=0).train)
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation
+# ----------------------------------------------------------------------------------------------
+def _posed_sample(n: int = 4, size: int = 14, seed: int = 0) -> dict:
+    """Exact geometry: random poses and depths; global = view 0's frame."""
+    rng = np.random.default_rng(seed)
+    K = np.array([[20.0, 0, size / 2], [0, 20.0, size / 2], [0, 0, 1]])
+    c2w = np.stack([np.eye(4) for _ in range(n)])
+    for i in range(n):
+        c2w[i, :3, :3] = Rotation.from_rotvec(rng.normal(size=3) * 0.3).as_matrix()
+        c2w[i, :3, 3] = rng.normal(size=3)
+    depth = rng.uniform(1, 3, size=(n, size, size))
+    local = np.stack([depth_to_camera_points(d, K) for d in depth])
+    glob = np.stack([transform_points(invert_pose(c2w[0]) @ c2w[i], local[i]) for i in range(n)])
+    f32 = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    return {"key": "demo__scene_0000__s000", "images": torch.rand(n, 3, size, size),
+            "xyz_global": f32(glob), "xyz_local": f32(local), "c2w": f32(c2w),
+            "conf_global": torch.full((n, size, size), 5.0), "conf_local": torch.ones(n, size, size),
+            "mask": torch.ones(n, size, size, dtype=torch.bool)}
+
+
+def test_color_jitter_is_seeded_per_view_and_leaves_geometry():
+    sample = _posed_sample()
+    aug = Augmenter(color_jitter=0.3, seed=1)
+    a, b, c = aug(sample, 0), aug(sample, 0), aug(sample, 1)
+    assert torch.equal(a["images"], b["images"]) and not torch.equal(a["images"], c["images"])
+    assert not torch.equal(a["images"], sample["images"])
+    assert a["images"].min() >= 0 and a["images"].max() <= 1
+    for key in ("xyz_global", "xyz_local", "conf_global", "mask"):
+        assert torch.equal(a[key], sample[key])
+    ratios = (a["images"].mean(dim=(1, 2, 3)) / sample["images"].mean(dim=(1, 2, 3)))
+    assert ratios.std() > 1e-3  # views get different factors
+    assert color_jitter(sample["images"], 0.0, sample_rng(0, 0, "k")) is sample["images"]
+
+
+def test_view_subset_keeps_view0_and_all_per_view_arrays_in_step():
+    sample = _posed_sample(n=6)
+    for epoch in range(5):
+        out = Augmenter(views=3, seed=0)(sample, epoch)
+        assert out["images"].shape[0] == 3 and out["mask"].shape[0] == 3
+        assert torch.equal(out["xyz_global"][0], sample["xyz_global"][0])
+        picked = [int(torch.nonzero((sample["c2w"] == out["c2w"][j]).all(-1).all(-1))[0])
+                  for j in range(3)]
+        assert picked[0] == 0 and picked == sorted(picked)
+        for j, i in enumerate(picked):
+            assert torch.equal(out["xyz_local"][j], sample["xyz_local"][i])
+    with pytest.raises(ValueError, match="train.views"):
+        choose_views(4, 5, False, np.random.default_rng(0))
+
+
+def test_shuffle_view0_reexpresses_global_targets_in_the_new_reference():
+    sample = _posed_sample(n=4)
+    moved = 0
+    for epoch in range(8):
+        out = Augmenter(views=3, shuffle_view0=True, seed=3)(sample, epoch)
+        c2w = out["c2w"].double().numpy()
+        moved += not torch.equal(out["c2w"][0], sample["c2w"][0])
+        for j in range(3):  # global targets == local points moved by the relative pose
+            expect = transform_points(invert_pose(c2w[0]) @ c2w[j],
+                                      out["xyz_local"][j].double().numpy())
+            np.testing.assert_allclose(out["xyz_global"][j].numpy(), expect, atol=1e-4)
+    assert moved >= 2
+
+
+# ----------------------------------------------------------------------------------------------
+# DDP-safe batching over uneven shards
+# ----------------------------------------------------------------------------------------------
+def _keys(ds: CacheBatches, workers: int) -> list[list[str]]:
+    return [[raw["__key__"] for raw in batch] for k in range(workers)
+            for batch in ds.worker_batches(k, workers)]
+
+
+def test_cache_fixture_is_uneven(cache):
+    _, shards = split_shards(cache / "train")
+    counts = [s.num_samples for s in shards]
+    assert sum(counts) == 15 and len(set(counts)) > 1  # 4, 4, 4, 3
+
+
+@pytest.mark.parametrize("world,workers,batch", [(1, 1, 2), (2, 1, 2), (2, 2, 1), (3, 2, 2),
+                                                 (4, 1, 3), (2, 3, 2), (5, 2, 1)])
+def test_every_rank_gets_the_same_batches_of_disjoint_samples(cache, world, workers, batch):
+    _, shards = split_shards(cache / "train")
+    total = sum(s.num_samples for s in shards)
+    for epoch in (0, 1):
+        per_rank = []
+        for rank in range(world):
+            ds = CacheBatches(shards, batch, rank, world, train=True, seed=0, epoch=epoch)
+            batches = _keys(ds, workers)
+            assert len(batches) == len(ds) == total // (world * batch)
+            assert all(len(b) == batch for b in batches)
+            per_rank.append([k for b in batches for k in b])
+        seen = Counter(k for keys in per_rank for k in keys)
+        assert max(seen.values()) == 1, "a sample was read twice in one epoch"
+        assert len(seen) == len(per_rank) * len(per_rank[0]) >= total - world * batch + 1
+
+
+def test_epochs_reshuffle_and_runs_reproduce(cache):
+    _, shards = split_shards(cache / "train")
+    e0 = _keys(CacheBatches(shards, 2, epoch=0), 1)
+    assert e0 == _keys(CacheBatches(shards, 2, epoch=0), 1)
+    assert e0 != _keys(CacheBatches(shards, 2, epoch=1), 1)
+
+
+def test_validation_is_ordered_complete_and_padded_to_equal_counts(cache):
+    _, shards = split_shards(cache / "val")
+    total = sum(s.num_samples for s in shards)
+    single = [k for b in _keys(CacheBatches(shards, 4, train=False), 2) for k in b]
+    assert len(single) == total == len(set(single))
+    for world in (2, 4, 7):
+        counts, union = set(), set()
+        for rank in range(world):
+            ds = CacheBatches(shards, 2, rank, world, train=False)
+            keys = _keys(ds, 2)
+            assert keys == _keys(CacheBatches(shards, 2, rank, world, train=False), 2)
+            counts.add((len(ds), sum(map(len, keys))))
+            union |= {k for b in keys for k in b}
+        assert len(counts) == 1 and union == set(single)
+
+
+def test_loader_batches_have_model_shapes(cache):
+    params = tiny_params()
+    _, shards = split_shards(cache / "train")
+    ds = CacheBatches(shards, 2, transform=Augmenter(views=2, color_jitter=0.1))
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)))
+    assert batch["images"].shape == (2, 2, 3, 56, 56) and batch["mask"].dtype == torch.bool
+    assert batch["xyz_global"].shape == (2, 2, 56, 56, 3) and len(batch["key"]) == 2
+    assert params.cache.image_size == [56, 56]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint I/O
+# ----------------------------------------------------------------------------------------------
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("boom in the middle of a save")
+
+
+def test_interrupted_checkpoint_save_keeps_the_previous_file(tmp_path):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 3, "w": torch.ones(1000)}, path)
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="boom"):
+        io.save_checkpoint({"global_step": 4, "w": torch.zeros(1000), "x": _Unpicklable()}, path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["last.ckpt"]
+    assert io.load_checkpoint(path)["global_step"] == 3
+    torch.save({"obj": _Pickled()}, tmp_path / "evil.ckpt")
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        io.load_checkpoint(tmp_path / "evil.ckpt")
+
+
+class _Pickled:
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------
+def test_missing_or_empty_cache_is_a_clear_error(tmp_path):
+    params = tiny_params(_uri(tmp_path))
+    with pytest.raises(ValueError, match="cache split folder not found"):
+        train(params, tmp_path / "nope", tmp_path / "out", tmp_path / "ckpt")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(ValueError, match="index.json"):
+        train(params, tmp_path / "empty", tmp_path / "out", tmp_path / "ckpt")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_cache_that_does_not_match_the_params_is_refused(cache, tmp_path):
+    base = tiny_params(_uri(tmp_path))
+    other_teacher = dataclasses.replace(base, teacher=dataclasses.replace(
+        base.teacher, edge_threshold=0.2))
+    with pytest.raises(ValueError, match="fingerprint"):
+        train(other_teacher, cache, tmp_path / "out", tmp_path / "ckpt")
+    other_size = dataclasses.replace(base, cache=dataclasses.replace(base.cache,
+                                                                     image_size=[112, 112]))
+    with pytest.raises(ValueError, match="image_size"):
+        train(other_size, cache, tmp_path / "out", tmp_path / "ckpt")
+    too_many_views = dataclasses.replace(base, train=dataclasses.replace(base.train, views=4))
+    with pytest.raises(ValueError, match="train.views"):
+        train(too_many_views, cache, tmp_path / "out", tmp_path / "ckpt")
+    huge_batch = dataclasses.replace(base, train=dataclasses.replace(base.train, batch_size=99))
+    with pytest.raises(ValueError, match="cannot fill one optimiser step"):
+        train(huge_batch, cache, tmp_path / "out", tmp_path / "ckpt")
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_the_step_and_terms_and_keeps_a_finite_last_checkpoint(cache,
+                                                                                   tmp_path):
+    params = tiny_params(_uri(tmp_path), lr=1e30, min_lr=1e29, warmup_steps=0, max_steps=6,
+                         checkpoint_every_steps=1, val_every_steps=100)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+ .*loss_global=(nan|inf)") as err:
+        train(params, cache, tmp_path / "out", ckpt)
+    failed_step = int(str(err.value).split("at step ")[1].split()[0])
+    assert not (tmp_path / "out").exists()
+    if (ckpt / "last.ckpt").exists():  # saved before the failure: usable and finite
+        state = AtomicCheckpointIO().load_checkpoint(ckpt / "last.ckpt")
+        assert state["global_step"] <= failed_step
+        assert all(torch.isfinite(v).all() for v in state["state_dict"].values())
+
+
+# ----------------------------------------------------------------------------------------------
+# Short real runs
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_train_logs_terms_schedule_and_saves_a_loadable_student(cache, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    params = tiny_params(_uri(tmp_path), max_steps=4, accumulate_grad_batches=2, warmup_steps=1,
+                         val_every_steps=2, lr=1e-3, min_lr=1e-4)
+    result = train(params, cache, tmp_path / "student", tmp_path / "ckpt",
+                   run_ref=tmp_path / "run.json", keys_dir=tmp_path / "keys",
+                   plots=tmp_path / "curve.csv", metrics=tmp_path / "train.json")
+    assert result.global_step == 4
+    assert [row["step"] for row in result.val_history] == [0, 2, 4]
+    lines = (tmp_path / "keys" / "rank0.jsonl").read_text().splitlines()
+    steps = Counter(json.loads(line)["step"] for line in lines)
+    assert steps == {0: 2, 1: 2, 2: 2, 3: 2}  # every optimiser step accumulates 2 batches
+    client = MlflowClient(_uri(tmp_path))
+    run_id = json.loads((tmp_path / "run.json").read_text())["run_id"]
+    assert run_id == result.run_id
+    history = lambda key: {m.step: m.value for m in client.get_metric_history(run_id, key)}  # noqa
+    assert sorted(history("train/loss")) == [0, 1, 2, 3]
+    for term in ("loss_global", "loss_local", "loss_conf", "lr", "grad_norm", "samples_per_s"):
+        assert history(f"train/{term}"), term
+    lr = history("train/lr")
+    assert lr[0] == pytest.approx(1e-3) and lr[3] == pytest.approx(1e-4)
+    assert sorted(history("val/loss")) == [0, 2, 4] and history("val/loss_global")
+    run = client.get_run(run_id)
+    assert run.data.params["train.lr"] == "0.001" and run.data.tags["cache.fingerprint"]
+    assert {a.path for a in client.list_artifacts(run_id, "student")} == \
+        {"student/model.safetensors", "student/config.json"}
+    assert (tmp_path / "curve.csv").read_text().startswith("step,loss,")
+    assert json.loads((tmp_path / "train.json").read_text())["final_val"]["step"] == 4
+    student = load_student(tmp_path / "student")
+    assert student.config.name == "tiny"
+
+
+@pytest.mark.slow
+def test_overfitting_one_sample_divides_the_loss_by_ten(cache, tmp_path):
+    base = tiny_params(_uri(tmp_path))
+    base = dataclasses.replace(base, cache=dataclasses.replace(base.cache,
+                                                               max_samples_per_scene=1))
+    one = build_tiny_cache(tmp_path, base, num_scenes=2, val_scenes=1)
+    shutil.rmtree(one / "val")  # validate on the training sample itself
+    shutil.copytree(one / "train", one / "val")
+    assert json.loads((one / "train" / "index.json").read_text())["num_samples"] == 1
+    params = dataclasses.replace(base, train=dataclasses.replace(
+        base.train, batch_size=1, max_steps=25, warmup_steps=3, lr=1e-3,
+        min_lr=1e-4, weight_decay=0.0, color_jitter=0.0, val_every_steps=25,
+        checkpoint_every_steps=25))
+    result = train(params, one, tmp_path / "student", tmp_path / "ckpt")
+    first, last = result.val_history[0]["loss"], result.val_history[-1]["loss"]
+    assert result.val_history[-1]["step"] == 25
+    assert last <= first / 10, f"loss {first:.4f} -> {last:.4f}"
