@@ -46,7 +46,10 @@ class ResidualConvUnit(nn.Module):
         self.conv2 = nn.Conv2d(dim, dim, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+        # in-place where autograd allows: the heads run at full resolution, memory dominates
+        out = self.conv1(F.relu(x))
+        out = self.conv2(F.relu(out, inplace=True))
+        return out.add_(x)
 
 
 class FusionBlock(nn.Module):
@@ -60,7 +63,7 @@ class FusionBlock(nn.Module):
                 size: tuple[int, int]) -> torch.Tensor:
         x = self.rcu1(level)
         if path is not None:
-            x = x + path
+            x = x.add_(path)
         x = self.rcu2(x)
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
         return self.out_conv(x)
@@ -104,6 +107,7 @@ class DPTHead(nn.Module):
             else:
                 target = (2 * levels[0].shape[-2], 2 * levels[0].shape[-1])
             path = self.fusion[k](levels[k], path, tuple(target))
-        out = self.out_conv1(path)
-        out = F.interpolate(out, size=size, mode="bilinear", align_corners=True)
-        return self.out_conv3(F.relu(self.out_conv2(out)))
+        out = F.interpolate(self.out_conv1(path), size=size, mode="bilinear", align_corners=True)
+        del path
+        out = F.relu(self.out_conv2(out), inplace=True)
+        return self.out_conv3(out)
