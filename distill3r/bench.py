@@ -238,10 +238,10 @@ def run_case(case: BenchCase, timeout: Optional[float] = None) -> dict:
     return json.loads(rows[0])
 
 
-def run_bench(params: BenchParams, log: Callable[[str], None] = print) -> list[dict]:
-    """Every planned row, each in its own process, in order."""
+def run_cases(cases: list[BenchCase], log: Callable[[str], None] = print) -> list[dict]:
+    """Every case (see :func:`plan_cases`), each in its own process, in order."""
     rows = []
-    for case in plan_cases(params):
+    for case in cases:
         begin = time.perf_counter()
         row = run_case(case)
         rows.append(row)
@@ -407,7 +407,7 @@ def bench_stage(params: BenchParams, out_json: str | Path, out_plot: str | Path,
     cases = plan_cases(params)
     log(f"bench: {len(cases)} rows ({params.profile} profile, {params.dtype}, "
         f"{cases[0].device}), one process each")
-    rows = run_bench(params, log)
+    rows = run_cases(cases, log)
     summary = summarize(rows, params.reference)
     settings = dict(dataclasses.asdict(params), device_resolved=cases[0].device,
                     torch=torch.__version__, cpu_threads=_cpu_threads(params.threads))

@@ -43,8 +43,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # Handled by design (fixed per-worker batch counts; size-1 conv dims under DDP): noise.
+    # Handled by design (fixed per-worker batch counts; a resumed epoch skips the batches it
+    # already trained on; size-1 conv dims under DDP): noise.
     warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined")
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended")
     warnings.filterwarnings("ignore", message=r"Grad strides do not match bucket view strides")
     args = parse_args(argv)
     try:

@@ -132,3 +132,11 @@ def test_plan_per_model_sizes_and_defaults():
     assert all(c.device == "cpu" and c.dtype == "bf16" for c in cases)
     default = plan_cases(BenchParams(device="cpu"))
     assert {(c.height, c.width) for c in default} == {(224, 224)} and len(default) == 8
+
+
+def test_paper_profile_uses_the_published_shapes():
+    from distill3r.bench import PAPER_VIEWS, _model_sizes
+
+    params = BenchParams(profile="paper", device="cpu")
+    assert _model_sizes(params) == [[392, 518], [384, 512]]  # patch 14 student, patch 16 Fast3R
+    assert PAPER_VIEWS == [12, 32, 64, 96, 128]

@@ -17,12 +17,19 @@ from distill3r.models import load_student
 from distill3r.testing.services import mlflow_server
 from distill3r.tracking import download_artifacts
 from distill3r.training.run import train
-from training_helpers import TRAIN_SCRIPT, build_tiny_cache, quiet_env, tiny_params, write_params
+from training_helpers import (TRAIN_SCRIPT, build_tiny_cache, quiet_env, tiny_params,
+                              torch_threads_restored, write_params)
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
            "DVC_NO_ANALYTICS": "1"}
 BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    with torch_threads_restored():
+        yield
 
 
 @pytest.mark.slow
@@ -96,14 +103,18 @@ def test_dvc_experiments_in_workspace_and_queue_become_runs_differing_only_in_lr
     _run([BIN / "dvc", "exp", "run", "-n", "lr-a", "-S", "train.lr=0.0002"], repo)
     _run([BIN / "dvc", "exp", "run", "--queue", "-n", "lr-b", "-S", "train.lr=0.0003"], repo)
     _run([BIN / "dvc", "queue", "start"], repo)
-    deadline = time.monotonic() + 150
-    while True:  # the queue worker runs the experiment in a temporary copy of the repo
-        status = _run([BIN / "dvc", "queue", "status"], repo)
-        if "lr-b" in status and not any(s in status for s in ("Queued", "Running")):
-            break
-        assert time.monotonic() < deadline, status
-        time.sleep(1.0)
-    assert "Success" in status, status + _run([BIN / "dvc", "queue", "logs", "lr-b"], repo)
+    try:
+        deadline = time.monotonic() + 150
+        while True:  # the queue worker runs the experiment in a temporary copy of the repo
+            status = _run([BIN / "dvc", "queue", "status"], repo)
+            if "lr-b" in status and not any(s in status for s in ("Queued", "Running")):
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(1.0)
+        assert "Success" in status, status + _run([BIN / "dvc", "queue", "logs", "lr-b"], repo)
+    finally:  # no queue worker outlives the test, even when it failed
+        subprocess.run([BIN / "dvc", "queue", "stop", "--kill"], cwd=repo, timeout=60,
+                       capture_output=True, env=quiet_env(**GIT_ENV))
 
     uri = f"sqlite:///{repo.resolve() / 'mlflow.db'}"  # the default store, also for the queue
     client = MlflowClient(uri)

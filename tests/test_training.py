@@ -24,7 +24,7 @@ from distill3r.training.data import CacheBatches, split_shards
 from distill3r.training.module import NonFiniteLossError
 from distill3r.training.run import resolve_precision, train
 from distill3r.training.schedule import build_optimizer, lr_factor, param_groups
-from training_helpers import build_tiny_cache, tiny_params
+from training_helpers import build_tiny_cache, tiny_params, torch_threads_restored
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,12 @@ def cache(tmp_path_factory) -> Path:
     """Train: 5 scenes x 3 samples = 15 in shards of 4, 4, 4, 3; val: 2 x 3 = 6 (4, 2)."""
     root = tmp_path_factory.mktemp("tiny_cache")
     return build_tiny_cache(root, tiny_params(), num_scenes=7, val_scenes=2)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    with torch_threads_restored():
+        yield
 
 
 def _uri(tmp_path: Path) -> str:
@@ -107,7 +113,8 @@ def _posed_sample(n: int = 4, size: int = 14, seed: int = 0) -> dict:
     f32 = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
     return {"key": "demo__scene_0000__s000", "images": torch.rand(n, 3, size, size),
             "xyz_global": f32(glob), "xyz_local": f32(local), "c2w": f32(c2w),
-            "conf_global": torch.full((n, size, size), 5.0), "conf_local": torch.ones(n, size, size),
+            "conf_global": torch.full((n, size, size), 5.0),
+            "conf_local": torch.ones(n, size, size),
             "mask": torch.ones(n, size, size, dtype=torch.bool)}
 
 
@@ -191,6 +198,21 @@ def test_epochs_reshuffle_and_runs_reproduce(cache):
     e0 = _keys(CacheBatches(shards, 2, epoch=0), 1)
     assert e0 == _keys(CacheBatches(shards, 2, epoch=0), 1)
     assert e0 != _keys(CacheBatches(shards, 2, epoch=1), 1)
+
+
+def test_a_resumed_epoch_skips_exactly_the_batches_already_trained_on(cache):
+    _, shards = split_shards(cache / "train")
+
+    def loader_keys(skip: int, workers: int) -> list[list[str]]:
+        ds = CacheBatches(shards, 2, epoch=3, skip_batches=skip)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+        return [batch["key"] for batch in loader]
+
+    for workers in (2, 3):
+        full = loader_keys(0, workers)
+        assert len(full) == 7
+        for skip in (1, 2, 5):
+            assert loader_keys(skip, workers) == full[skip:], (workers, skip)
 
 
 def test_validation_is_ordered_complete_and_padded_to_equal_counts(cache):

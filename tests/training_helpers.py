@@ -6,17 +6,21 @@ with the ground-truth teacher, at 56x56 with 3 views per sample (a few seconds).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
+import torch
 import yaml
 
 from boxroom import make_box_room_manifest
 from distill3r.cache.writer import build_cache
-from distill3r.config import Params, load_params, to_dict
+from distill3r.config import Params, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = REPO / "stages" / "train.py"
@@ -24,15 +28,18 @@ SIZE = 56
 
 
 def tiny_params(tracking_uri: str | None = None, **train) -> Params:
-    """The repository's params shrunk for tests: 56x56, 3 views, batch 2, CPU, fp32 (bf16 on
-    small CPU batches gains nothing), no workers and no system metrics; ``train`` overrides."""
-    params = load_params(REPO / "params.yaml")
+    """Default params shrunk for tests: 56x56, 3 views, batch 2, CPU, fp32 (bf16 on
+    small CPU batches gains nothing), one torch thread (the test machine's two cores are
+    shared: oversubscribed OpenMP threads crawl), no loader workers and no system metrics;
+    ``train`` overrides."""
+    params = Params()  # the dataclass defaults: independent of the demo's tuning
     cache = dataclasses.replace(params.cache, image_size=[SIZE, SIZE], views_per_sample=3,
                                 max_samples_per_scene=3, shard_max_samples=4)
     settings = dict(accelerator="cpu", devices=1, strategy="auto", precision="32-true",
-                    batch_size=2, num_workers=0, max_steps=4, warmup_steps=1, val_every_steps=2,
-                    checkpoint_every_steps=2, log_every_steps=1, tracking_uri=tracking_uri,
-                    system_metrics=False, color_jitter=0.1)
+                    threads=1, batch_size=2, num_workers=0, max_steps=4, warmup_steps=1,
+                    val_every_steps=2, checkpoint_every_steps=2, log_every_steps=1,
+                    tracking_uri=tracking_uri, system_metrics=False, color_jitter=0.1,
+                    views=None, shuffle_view0=False)
     settings.update(train)
     return dataclasses.replace(params, cache=cache,
                                train=dataclasses.replace(params.train, **settings))
@@ -45,6 +52,16 @@ def build_tiny_cache(root: Path, params: Params, num_scenes: int = 6, frames: in
                                       height=SIZE, width=SIZE, seed=seed, val_scenes=val_scenes)
     build_cache(manifest, root / "cache", params, progress=False)
     return root / "cache"
+
+
+@contextlib.contextmanager
+def torch_threads_restored() -> Iterator[None]:
+    """Restore the torch thread count that an in-process ``train()`` (``train.threads``) set."""
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def write_params(params: Params, path: Path) -> Path:
@@ -65,6 +82,16 @@ def quiet_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_train(cmd: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(c) for c in cmd], cwd=cwd, env=quiet_env(), capture_output=True,
-                          text=True, timeout=timeout)
+def run_train(cmd: list, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run a training command in its own process group; on timeout the whole group (DDP ranks,
+    loader workers) is killed, so nothing outlives the test."""
+    cmd = [str(c) for c in cmd]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=quiet_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{cmd} timed out after {timeout} s:\n{out[-3000:]}\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

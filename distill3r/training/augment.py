@@ -36,7 +36,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from distill3r.geometry import umeyama
+from distill3r.geometry import similarity_matrix, transform_points, umeyama
 
 PER_VIEW_KEYS = ("images", "xyz_global", "xyz_local", "conf_global", "conf_local", "mask",
                  "depth", "K", "c2w")
@@ -81,18 +81,7 @@ def reference_transform(xyz_global: torch.Tensor, xyz_local: torch.Tensor, mask:
     if len(idx) > _FIT_POINTS:
         idx = rng.choice(idx, _FIT_POINTS, replace=False)
     s, R, t = umeyama(src[idx], dst[idx], with_scale=True)
-    if not s > 0:
-        return None
-    T = np.eye(4)
-    T[:3, :3] = R
-    T[:3, 3] = t / s
-    return T
-
-
-def _apply_rigid(T: np.ndarray, points: torch.Tensor) -> torch.Tensor:
-    R = torch.as_tensor(T[:3, :3], dtype=torch.float64)
-    t = torch.as_tensor(T[:3, 3], dtype=torch.float64)
-    return (points.double() @ R.T + t).to(points.dtype)
+    return similarity_matrix(1.0, R, t / s) if s > 0 else None
 
 
 def choose_views(num_cached: int, views: Optional[int], shuffle_view0: bool,
@@ -136,6 +125,7 @@ class Augmenter:
                 if key in out:
                     out[key] = out[key].index_select(0, index)
         if T is not None:
-            out["xyz_global"] = _apply_rigid(T, out["xyz_global"])
+            moved = transform_points(T, out["xyz_global"].double().numpy())
+            out["xyz_global"] = torch.from_numpy(moved).to(out["xyz_global"].dtype)
         out["images"] = color_jitter(out["images"], self.color_jitter, rng)
         return out

@@ -21,7 +21,9 @@ start in the first one). This works for any number of shards, even fewer than ra
 and the at most ``T - W * B * b`` samples left out change every epoch.
 
 - train: shard order permuted and ``offset`` drawn from ``(seed, epoch)``; each worker
-  shuffles its run with a seeded buffer; ``len()`` is ``B``.
+  shuffles its run with a seeded buffer; ``len()`` is ``B``. The order is a pure function of
+  ``(seed, epoch)``, so a run resumed mid-epoch skips the batches it already trained on and
+  sees exactly what the uninterrupted run would have seen.
 - validation: shards in index order, ``offset = 0``, no shuffle; every rank gets
   ``ceil(T / W)`` positions (wrapping around to the start to pad), in the last batch possibly
   fewer than ``b``, so all ranks run the same number of batches in a fixed order.
@@ -154,12 +156,15 @@ class CacheBatches(IterableDataset):
         seed, epoch: the order, shuffle and augmentation seeds of this epoch.
         transform: ``(decoded sample, epoch) -> sample`` (augmentation), or None.
         accumulate: training batches per optimiser step (the epoch length is a multiple).
+        skip_batches: leave out the first batches of the epoch (as the loader interleaves
+            the workers' batches): a run resumed mid-epoch continues the interrupted epoch
+            with the batches it had not seen yet; ``len()`` stays the full epoch.
     """
 
     def __init__(self, shards: list[Shard], batch_size: int, rank: int = 0, world_size: int = 1,
                  train: bool = True, seed: int = 0, epoch: int = 0,
                  transform: Optional[Callable[[dict, int], dict]] = None,
-                 accumulate: int = 1) -> None:
+                 accumulate: int = 1, skip_batches: int = 0) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -170,6 +175,7 @@ class CacheBatches(IterableDataset):
         self.shards, self.batch_size = list(shards), batch_size
         self.rank, self.world_size, self.train = rank, world_size, train
         self.seed, self.epoch, self.transform = seed, epoch, transform
+        self.skip_batches = skip_batches
         self.total = sum(s.num_samples for s in self.shards)
         if train:
             steps = self.total // (world_size * batch_size * accumulate)
@@ -197,21 +203,30 @@ class CacheBatches(IterableDataset):
 
     def worker_batches(self, worker: int, workers: int) -> Iterator[list[dict]]:
         """Raw sample lists, one per batch that DataLoader worker ``worker`` of ``workers``
-        yields; the ``workers`` of one rank together yield ``len(self)`` batches."""
+        yields; the ``workers`` of one rank together yield ``len(self)`` batches.
+
+        The loader takes batches from its workers in turn, so loader batch ``i`` is batch
+        ``i // K`` of worker ``i % K``. Each worker owns a contiguous run of the rank's range.
+        With ``skip_batches = s`` the loader still starts with worker 0, so worker ``w`` plays
+        the part of worker ``(w + s) % K`` and drops that part's first ``(w + s) // K`` batches.
+        """
+        part, skip = (worker + self.skip_batches) % workers, (worker + self.skip_batches) // workers
         counts = [self.num_batches // workers + (k < self.num_batches % workers)
                   for k in range(workers)]
-        first = sum(counts[:worker])
+        first = sum(counts[:part])
         sizes = [min(self.batch_size, self.rank_samples - b * self.batch_size)
-                 for b in range(first, first + counts[worker])]
-        if not sizes:
+                 for b in range(first, first + counts[part])]
+        if len(sizes) <= skip:
             return
         order, rank_start = self._order()
         stream = read_range(order, rank_start + first * self.batch_size, sum(sizes))
         if self.train:
             stream = shuffled(stream, SHUFFLE_BUFFER, np.random.default_rng(
-                [self.seed, self.epoch, self.rank, worker]))
-        for size in sizes:
-            yield [next(stream) for _ in range(size)]
+                [self.seed, self.epoch, self.rank, part]))
+        for i, size in enumerate(sizes):
+            batch = [next(stream) for _ in range(size)]  # skipped ones are read, not decoded
+            if i >= skip:
+                yield batch
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -260,9 +275,13 @@ class CacheDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank()
         epoch = 0 if self.trainer is None else self.trainer.current_epoch
-        return self._loader(CacheBatches(self.train_shards, self.batch_size, rank, world,
-                                         train=True, seed=self.seed, epoch=epoch,
-                                         transform=self.augment, accumulate=self.accumulate))
+        dataset = CacheBatches(self.train_shards, self.batch_size, rank, world, train=True,
+                               seed=self.seed, epoch=epoch, transform=self.augment,
+                               accumulate=self.accumulate)
+        if self.trainer is not None:  # resumed mid-epoch: skip the batches already trained on
+            done = self.trainer.global_step * self.accumulate - epoch * len(dataset)
+            dataset.skip_batches = done if 0 < done < len(dataset) else 0
+        return self._loader(dataset)
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank()

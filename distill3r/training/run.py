@@ -12,8 +12,11 @@ Checkpoints (``<checkpoints>/last.ckpt`` every ``train.checkpoint_every_steps`` 
 are written atomically (:class:`~distill3r.training.callbacks.AtomicCheckpointIO`) and loaded
 with ``weights_only=True`` (``Trainer.fit(..., weights_only=True)``: Lightning 2.6 passes it to
 the checkpoint IO, and our IO forces it anyway). ``resume=True`` continues from ``last.ckpt``:
-global step, optimiser moments, scheduler and the MLflow run (its id is kept next to the
-checkpoints in ``mlflow_run.json``). Without ``resume`` stale checkpoints are deleted first, so a
+global step, optimiser moments, scheduler, the data order (an interrupted epoch continues
+with its unseen batches) and the MLflow run (its id is kept next to the checkpoints in
+``mlflow_run.json``). A larger ``max_steps`` on resume stretches the remaining cosine (the
+first resumed step still uses the saved learning rate); the model, loss and cache must match
+the checkpoint. Without ``resume`` stale checkpoints are deleted first, so a
 run with new params never picks up an old state.
 """
 
@@ -145,6 +148,19 @@ def _trainer(tp: TrainParams, checkpoints: Path, callbacks: list) -> L.Trainer:
     )
 
 
+def _tracked_run(rank0: bool, params: Params, tracking_uri: str, checkpoints: Path,
+                 ckpt_path: Optional[Path], fingerprint: str):
+    """The MLflow run on rank 0 (the resumed checkpoint's run when there is one, else a new
+    run with every param), a no-op context on the other ranks."""
+    if not rank0:
+        return contextlib.nullcontext()
+    tp = params.train
+    run_id = _previous_run(checkpoints, ckpt_path, tracking_uri)
+    return start_run(None if run_id else params, tracking_uri, tp.experiment, run_name="train",
+                     tags={"cache.fingerprint": fingerprint}, system_metrics=tp.system_metrics,
+                     run_id=run_id)
+
+
 def _previous_run(checkpoints: Path, ckpt_path: Optional[Path], tracking_uri: str
                   ) -> Optional[str]:
     """The MLflow run id of the checkpoint being resumed, if recorded for this tracking URI."""
@@ -202,15 +218,10 @@ def train(params: Params, cache_dir: str | Path, out_dir: str | Path,
         warnings.warn(f"--resume: {checkpoints / LAST} not found, starting from scratch",
                       stacklevel=2)
     rank0 = trainer.is_global_zero
-    tracking_uri = resolve_tracking_uri(tp.tracking_uri)
     if rank0:
         clear_checkpoints(checkpoints, keep_last=ckpt_path is not None)
-    run_id = _previous_run(checkpoints, ckpt_path, tracking_uri) if rank0 else None
-    tracked = start_run(None if run_id else params, tracking_uri, tp.experiment,
-                        run_name="train", tags={"cache.fingerprint": fingerprint},
-                        system_metrics=tp.system_metrics, run_id=run_id) \
-        if rank0 else contextlib.nullcontext()
-    with tracked as active:
+    tracking_uri = resolve_tracking_uri(tp.tracking_uri)
+    with _tracked_run(rank0, params, tracking_uri, checkpoints, ckpt_path, fingerprint) as active:
         if rank0:
             write_run_ref(checkpoints / RUN_FILE, active, tracking_uri)
             trainer.loggers = [make_lightning_logger(tracking_uri, tp.experiment,
