@@ -18,7 +18,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 # The whole pipeline on the demo data (CPU, minutes). DVC reruns only what changed.
 demo: setup
-	$(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 test: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
