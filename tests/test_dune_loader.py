@@ -14,13 +14,7 @@ from distill3r.models.encoder import Encoder
 KEYS_JSON = Path("/work/shared/reference/dune_vitsmall14_448_encoder_keys.json")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test machine's 2 cores are shared: one thread avoids oversubscription stalls."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _dune_keys() -> dict[str, list[int]]:

@@ -8,13 +8,7 @@ from distill3r.losses import DistillationLoss
 
 B, N, H, W = 2, 3, 6, 5
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test machine's 2 cores are shared: one thread avoids oversubscription stalls."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _target(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -14,13 +14,7 @@ from distill3r.models.dpt import StrideTwoConv
 PAPER_PARAMS = 71_969_288
 FAST3R_PARAMS = 647_600_000
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test machine's 2 cores are shared: one thread avoids oversubscription stalls."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _meta_counts(name: str) -> dict[str, int]:
