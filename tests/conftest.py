@@ -13,3 +13,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def restore_torch_threads():
+    """Restore the torch thread count after a test that trains in-process (``train.threads``)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)

@@ -18,7 +18,7 @@ from distill3r.testing.services import mlflow_server
 from distill3r.tracking import download_artifacts
 from distill3r.training.run import train
 from training_helpers import (TRAIN_SCRIPT, build_tiny_cache, quiet_env, tiny_params,
-                              torch_threads_restored, write_params)
+                              write_params)
 
 GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
            "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.com",
@@ -26,10 +26,7 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com",
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    with torch_threads_restored():
-        yield
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 
 @pytest.mark.slow

@@ -15,17 +15,14 @@ import torch
 from distill3r.training.callbacks import AtomicCheckpointIO
 from distill3r.training.run import train
 from training_helpers import (build_tiny_cache, quiet_env, run_train, tiny_params,
-                              torch_threads_restored, train_cmd, write_params)
+                              train_cmd, write_params)
 
 
 def _adam_steps(state: dict) -> set[float]:
     return {float(s["step"]) for s in state["optimizer_states"][0]["state"].values()}
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    with torch_threads_restored():
-        yield
+pytestmark = pytest.mark.usefixtures("restore_torch_threads")
 
 
 @pytest.mark.slow
