@@ -45,6 +45,7 @@ class SourceParams:
     root: str = "data/raw/demo"
     name: Optional[str] = None  # dataset name in the manifest (defaults to kind)
     sample_frac: float = 1.0  # fraction of scenes kept (stable, by hash)
+    options: dict[str, Any] = field(default_factory=dict)  # the kind's own options (README)
 
 
 @dataclass
@@ -256,6 +257,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ValueError(f"{where}: expected a string, got {value!r}")
         return value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
     return value
 
 

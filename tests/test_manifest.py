@@ -18,7 +18,7 @@ from distill3r.data.build import assign_splits, build_manifest
 from distill3r.data.demo import render_demo
 from distill3r.data.io import read_depth, read_image, write_image
 from distill3r.data.manifest import COLUMNS, group_scenes, read_manifest
-from distill3r.data.sources import SOURCES, Scene, Source, make_source
+from distill3r.data.sources import SOURCES, Scene, SceneRef, Source, make_source
 from distill3r.geometry import depth_to_camera_points, project
 
 SIZE, VIEWS = 96, 3
@@ -172,6 +172,14 @@ def test_bad_input_names_the_path(tmp_path, case):
         root, kind = tmp_path / "r", "demo"
         culprit = root / "scene_0000"
         culprit.mkdir(parents=True)
+    if case == "empty_scene":  # one bad scene is skipped and reported, the others kept
+        report = build_manifest(data_params(root, kind), tmp_path / "m.csv",
+                                tmp_path / "images", report_path=tmp_path / "report.json")
+        assert [s["scene"] for s in report["skipped"]] == ["empty"]
+        assert str(culprit) in report["skipped"][0]["reason"]
+        assert json.loads((tmp_path / "report.json").read_text())["skipped"] == report["skipped"]
+        assert {r.scene for r in read_manifest(tmp_path / "m.csv")} == {"full"}
+        return
     with pytest.raises(ValueError, match=re.escape(str(culprit))):
         build_manifest(data_params(root, kind), tmp_path / "m.csv", tmp_path / "images")
 
@@ -190,17 +198,21 @@ def test_short_scene_is_reported_and_skipped(tmp_path, caplog):
 
 def test_registry_and_duplicate_scenes(tmp_path):
     assert {"demo", "images"} <= set(SOURCES)
-    with pytest.raises(ValueError, match="unknown kind 'co3d'"):
-        make_source(SourceParams(kind="co3d", root=str(tmp_path)))
+    with pytest.raises(ValueError, match=r"data.sources\[0\]: unknown kind 'nope'"):
+        make_source(SourceParams(kind="nope", root=str(tmp_path)), "data.sources[0]")
 
-    class OneScene(Source):  # a new dataset is one method
+    class OneScene(Source):  # a new dataset is two methods
         kind = "test-one"
 
-        def list_scenes(self):
-            return [Scene("x", self.root, [])]
+        def find_scenes(self):
+            return [SceneRef("x", self.root)]
 
-    with pytest.raises(ValueError, match="empty scene"):
-        OneScene(tmp_path).scenes()
+        def read_scene(self, ref):
+            return Scene(ref.name, ref.path, [])
+
+    source = OneScene(tmp_path)
+    assert source.scenes() == []
+    assert "empty scene x" in source.skipped[0]["reason"]
     root = make_images(tmp_path / "r", {"s": ["0.png", "1.png"]})
     params = DataParams(sources=[SourceParams(kind="images", root=str(root))] * 2)
     with pytest.raises(ValueError, match="distinct names"):

@@ -1,7 +1,8 @@
 """Build the manifest (one CSV row per frame) from the sources in params ``data``.
 
 Steps, all deterministic:
-1. every source lists its scenes (``distill3r.data.sources``);
+1. every source lists its scenes (``distill3r.data.sources``); a scene the source cannot read
+   (missing annotation file, unsupported camera model...) is skipped and reported;
 2. ``sample_frac`` keeps a stable, hash-chosen subset of each source's scenes;
 3. scenes with fewer than ``min_frames`` frames are reported and skipped;
 4. each scene goes to ``val`` when ``hash(split_salt, dataset, scene) < val_fraction``, else
@@ -9,7 +10,11 @@ Steps, all deterministic:
    and 0 < val_fraction < 1 each split gets at least one scene (the extreme-hash scene moves);
 5. images whose long edge exceeds ``resize_max`` are resized (aspect kept) into
    ``images_dir/<dataset>/<scene>/`` with ``K`` scaled and depth resized by nearest neighbour;
-   smaller images are referenced in place. Every image is decoded once to check it.
+   smaller images are referenced in place. Every image is decoded once to check it; depth
+   in a dataset's own encoding is converted to ``.npy`` metres there too. A scene with an
+   unreadable image or a depth map of the wrong size is skipped whole and reported.
+
+The report (``manifest_report.json``) lists every skipped scene with the file and the reason.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from tqdm import tqdm
 from distill3r.config import DataParams
 from distill3r.data.io import read_depth, read_image, resize_crop, write_depth_png, write_image
 from distill3r.data.manifest import FrameRecord, write_manifest
-from distill3r.data.sources import Frame, Scene, make_source
+from distill3r.data.sources import Frame, Scene, Source, make_source
 
 log = logging.getLogger(__name__)
 
@@ -64,54 +69,80 @@ def assign_splits(keys: list[tuple[str, str]], val_fraction: float, salt: str,
     return split
 
 
-def _resized_paths(images_dir: Path, dataset: str, scene: str,
-                   frame: Frame) -> tuple[Path, Path]:
+def _output_paths(images_dir: Path, dataset: str, scene: str, frame: Frame,
+                  depth_suffix: str) -> tuple[Path, Path]:
     suffix = ".jpg" if frame.image.suffix.lower() in (".jpg", ".jpeg") else ".png"
-    depth_suffix = ".npy" if frame.depth is not None and frame.depth.suffix == ".npy" else ".png"
     folder = images_dir / dataset / scene
     stem = f"{frame.frame:06d}"
     return folder / f"{stem}{suffix}", folder / "depth" / f"{stem}{depth_suffix}"
 
 
-def prepare_frame(dataset: str, split: str, scene: Scene, frame: Frame, resize_max: int,
+def prepare_frame(source: Source, split: str, scene: Scene, frame: Frame, resize_max: int,
                   images_dir: Path) -> tuple[FrameRecord, bool]:
-    """Check (decode) one frame and resize it if needed: ``(record, resized)``."""
+    """Check (decode) one frame, resize it if needed and convert its depth to the project's
+    encoding if the source has its own: ``(record, resized)``. ``ValueError`` naming the file
+    and scene if anything is unreadable or inconsistent."""
     image = read_image(frame.image)  # ValueError naming the file if unreadable
     h, w = image.shape[:2]
-    depth = read_depth(frame.depth) if frame.depth is not None else None
+    depth = source.read_depth(frame) if frame.depth is not None else None
     if depth is not None and depth.shape != (h, w):
         raise ValueError(f"{frame.depth}: depth is {depth.shape[1]}x{depth.shape[0]} but the "
-                         f"image {frame.image} is {w}x{h}")
-    record = FrameRecord(dataset=dataset, split=split, scene=scene.name, frame=frame.frame,
+                         f"image {frame.image} is {w}x{h} (scene {scene.name})")
+    record = FrameRecord(dataset=source.name, split=split, scene=scene.name, frame=frame.frame,
                          image=Path(frame.image).resolve(),
                          depth=None if frame.depth is None else Path(frame.depth).resolve(),
                          K=frame.K, c2w=frame.c2w)
-    if max(h, w) <= resize_max:
-        return record, False
-    s = resize_max / max(h, w)
-    size = (max(1, int(round(h * s))), max(1, int(round(w * s))))
-    image, K, depth = resize_crop(image, size, frame.K, depth)
-    image_path, depth_path = _resized_paths(images_dir, dataset, scene.name, frame)
-    write_image(image_path, image)
-    record.image, record.K = image_path.resolve(), K
-    if depth is not None:
+    resized = max(h, w) > resize_max
+    convert = depth is not None and (resized or not source.native_depth)
+    depth_suffix = (".png" if source.native_depth and frame.depth is not None
+                    and Path(frame.depth).suffix == ".png" else ".npy")
+    image_path, depth_path = _output_paths(images_dir, source.name, scene.name, frame,
+                                           depth_suffix)
+    if resized:
+        s = resize_max / max(h, w)
+        size = (max(1, int(round(h * s))), max(1, int(round(w * s))))
+        image, record.K, depth = resize_crop(image, size, frame.K, depth)
+        write_image(image_path, image)
+        record.image = image_path.resolve()
+    if convert:
         depth_path.parent.mkdir(parents=True, exist_ok=True)
-        if depth_path.suffix == ".npy":
+        if depth_suffix == ".npy":
             np.save(depth_path, depth.astype(np.float32), allow_pickle=False)
         else:
             write_depth_png(depth_path, depth)
         record.depth = depth_path.resolve()
-    return record, True
+    return record, resized
 
 
-def _collect(params: DataParams, report: dict) -> list[tuple[str, Scene]]:
-    """Scenes kept after sampling and the min_frames rule, as ``(dataset, scene)``."""
-    kept: list[tuple[str, Scene]] = []
+def _prepare_scene(source: Source, split: str, scene: Scene, params: DataParams,
+                   images_dir: Path) -> tuple[list[FrameRecord], int]:
+    records, resized = [], 0
+    for frame in scene.frames:
+        record, was_resized = prepare_frame(source, split, scene, frame, params.resize_max,
+                                            images_dir)
+        records.append(record)
+        resized += was_resized
+    return records, resized
+
+
+def _skip(report: dict, dataset: str, scene: str, path, reason: str) -> None:
+    log.warning("%s: scene %s of %s skipped: %s", path, scene, dataset, reason)
+    report["skipped"].append({"dataset": dataset, "scene": scene, "path": str(path),
+                              "reason": reason})
+
+
+def _collect(params: DataParams, report: dict) -> list[tuple[Source, Scene]]:
+    """Scenes kept after sampling and the min_frames rule, as ``(source, scene)``."""
+    kept: list[tuple[Source, Scene]] = []
     seen: dict[tuple[str, str], Path] = {}
-    for src_params in params.sources:
-        source = make_source(src_params)
+    for i, src_params in enumerate(params.sources):
+        source = make_source(src_params, f"data.sources[{i}]")
         scenes = source.scenes()
-        stats = {"kind": source.kind, "root": str(source.root), "scenes_listed": len(scenes),
+        for skipped in source.skipped:
+            report["skipped"].append({"dataset": source.name, **skipped})
+        stats = {"kind": source.kind, "root": str(source.root),
+                 "scenes_listed": len(scenes) + len(source.skipped),
+                 "scenes_unreadable": len(source.skipped),
                  "scenes_sampled_out": 0, "scenes_too_short": 0}
         for scene in scenes:
             key = (source.name, scene.name)
@@ -123,13 +154,11 @@ def _collect(params: DataParams, report: dict) -> list[tuple[str, Scene]]:
                 stats["scenes_sampled_out"] += 1
                 continue
             if len(scene.frames) < params.min_frames:
-                reason = f"{len(scene.frames)} frame(s) < data.min_frames={params.min_frames}"
-                log.warning("%s: skipped: %s", scene.path, reason)
-                report["skipped"].append({"dataset": source.name, "scene": scene.name,
-                                          "path": str(scene.path), "reason": reason})
+                _skip(report, source.name, scene.name, scene.path,
+                      f"{len(scene.frames)} frame(s) < data.min_frames={params.min_frames}")
                 stats["scenes_too_short"] += 1
                 continue
-            kept.append((source.name, scene))
+            kept.append((source, scene))
         report["warnings"].extend(source.warnings)
         report["datasets"][source.name] = stats
     return kept
@@ -146,27 +175,34 @@ def build_manifest(params: DataParams, out_csv: str | Path, images_dir: str | Pa
     images_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing is resized
     report: dict = {"datasets": {}, "skipped": [], "warnings": []}
     kept = _collect(params, report)
-    if not kept:
-        raise ValueError("data.sources: no scene left after sample_frac and min_frames "
-                         f"(skipped: {report['skipped']})")
-    splits = assign_splits([(d, s.name) for d, s in kept], params.val_fraction, params.split_salt)
+    splits = assign_splits([(src.name, s.name) for src, s in kept], params.val_fraction,
+                           params.split_salt)
     records, resized = [], 0
     counts = {"train": {"scenes": 0, "frames": 0}, "val": {"scenes": 0, "frames": 0}}
-    for dataset, scene in tqdm(kept, desc="manifest", unit="scene", disable=not progress):
-        split = splits[(dataset, scene.name)]
+    for source, scene in tqdm(kept, desc="manifest", unit="scene", disable=not progress):
+        split = splits[(source.name, scene.name)]
+        try:
+            scene_records, scene_resized = _prepare_scene(source, split, scene, params,
+                                                          images_dir)
+        except ValueError as exc:
+            _skip(report, source.name, scene.name, scene.path, str(exc))
+            report["datasets"][source.name]["scenes_unreadable"] += 1
+            continue
+        records.extend(scene_records)
+        resized += scene_resized
         counts[split]["scenes"] += 1
-        for frame in scene.frames:
-            record, was_resized = prepare_frame(dataset, split, scene, frame, params.resize_max,
-                                                images_dir)
-            records.append(record)
-            resized += was_resized
-            counts[split]["frames"] += 1
-    write_manifest(records, out_csv)
-    report.update(frames=len(records), scenes=len(kept), splits=counts, resized_frames=resized)
-    if report_path is not None:
+        counts[split]["frames"] += len(scene_records)
+    report.update(frames=len(records), scenes=counts["train"]["scenes"] + counts["val"]["scenes"],
+                  splits=counts, resized_frames=resized)
+    if report_path is not None:  # also when nothing is usable: it says why
         report_path = Path(report_path)
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    if not records:
+        reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in report["skipped"][:5])
+        raise ValueError(f"data.sources: no usable scene ({len(report['skipped'])} skipped: "
+                         f"{reasons})")
+    write_manifest(records, out_csv)
     log.info("manifest %s: %d frames, train %d / val %d scenes, %d skipped", out_csv,
              len(records), counts["train"]["scenes"], counts["val"]["scenes"],
              len(report["skipped"]))

@@ -1,0 +1,1 @@
+"""arkitscenes source (being written)."""

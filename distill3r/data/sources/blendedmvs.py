@@ -1,0 +1,1 @@
+"""blendedmvs source (being written)."""

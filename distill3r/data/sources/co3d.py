@@ -1,0 +1,1 @@
+"""co3d source (being written)."""

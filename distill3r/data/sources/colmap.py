@@ -1,0 +1,1 @@
+"""colmap source (being written)."""

@@ -1,0 +1,1 @@
+"""habitat source (being written)."""

@@ -1,0 +1,1 @@
+"""megadepth source (being written)."""

@@ -1,0 +1,1 @@
+"""scannetpp source (being written)."""
