@@ -5,14 +5,15 @@ Steps, all deterministic:
    (missing annotation file, unsupported camera model...) is skipped and reported;
 2. ``sample_frac`` keeps a stable, hash-chosen subset of each source's scenes;
 3. scenes with fewer than ``min_frames`` frames are reported and skipped;
-4. each scene goes to ``val`` when ``hash(split_salt, dataset, scene) < val_fraction``, else
-   ``train`` (a scene's split does not depend on the other scenes); with two or more scenes
-   and 0 < val_fraction < 1 each split gets at least one scene (the extreme-hash scene moves);
-5. images whose long edge exceeds ``resize_max`` are resized (aspect kept) into
-   ``images_dir/<dataset>/<scene>/`` with ``K`` scaled and depth resized by nearest neighbour;
+4. images whose long edge exceeds ``resize_max`` are resized (aspect kept) into
+   ``images_dir/<dataset>/<scene>/`` with ``K`` scaled and depth resampled (``io.resize_crop``);
    smaller images are referenced in place. Every image is decoded once to check it; depth
    in a dataset's own encoding is converted to ``.npy`` metres there too. A scene with an
-   unreadable image or a depth map of the wrong size is skipped whole and reported.
+   unreadable image or a depth map of the wrong size is skipped whole and reported;
+5. each remaining scene goes to ``val`` when ``hash(split_salt, dataset, scene) <
+   val_fraction``, else ``train`` (a scene's split does not depend on the other scenes); with
+   two or more scenes and 0 < val_fraction < 1 each split gets at least one scene (the
+   extreme-hash scene moves).
 
 The report (``manifest_report.json``) lists every skipped scene with the file and the reason.
 """
@@ -175,21 +176,28 @@ def build_manifest(params: DataParams, out_csv: str | Path, images_dir: str | Pa
     images_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing is resized
     report: dict = {"datasets": {}, "skipped": [], "warnings": []}
     kept = _collect(params, report)
-    splits = assign_splits([(src.name, s.name) for src, s in kept], params.val_fraction,
-                           params.split_salt)
-    records, resized = [], 0
-    counts = {"train": {"scenes": 0, "frames": 0}, "val": {"scenes": 0, "frames": 0}}
+    prepared: list[tuple[Source, Scene, list[FrameRecord]]] = []
+    resized = 0
     for source, scene in tqdm(kept, desc="manifest", unit="scene", disable=not progress):
-        split = splits[(source.name, scene.name)]
         try:
-            scene_records, scene_resized = _prepare_scene(source, split, scene, params,
+            scene_records, scene_resized = _prepare_scene(source, "train", scene, params,
                                                           images_dir)
         except ValueError as exc:
             _skip(report, source.name, scene.name, scene.path, str(exc))
             report["datasets"][source.name]["scenes_unreadable"] += 1
             continue
-        records.extend(scene_records)
+        prepared.append((source, scene, scene_records))
         resized += scene_resized
+    # splits among the scenes that made it, so a skipped scene cannot leave a split empty
+    splits = assign_splits([(src.name, s.name) for src, s, _ in prepared], params.val_fraction,
+                           params.split_salt)
+    records: list[FrameRecord] = []
+    counts = {"train": {"scenes": 0, "frames": 0}, "val": {"scenes": 0, "frames": 0}}
+    for source, scene, scene_records in prepared:
+        split = splits[(source.name, scene.name)]
+        for r in scene_records:
+            r.split = split
+        records.extend(scene_records)
         counts[split]["scenes"] += 1
         counts[split]["frames"] += len(scene_records)
     report.update(frames=len(records), scenes=counts["train"]["scenes"] + counts["val"]["scenes"],
