@@ -14,8 +14,9 @@ import pytest
 import torch
 from boxroom import make_box_room_manifest
 
-from distill3r.cache.reader import (cache_dataset, check_compatible, collate_samples,
-                                    decode_sample, list_shards, read_index, samples_per_rank)
+from distill3r.cache.reader import (CorruptShardError, cache_dataset, check_compatible,
+                                    collate_samples, decode_sample, list_shards, read_index,
+                                    samples_per_rank)
 from distill3r.cache.schema import npz_bytes
 from distill3r.cache.writer import build_cache
 from distill3r.config import CacheParams, Params
@@ -97,6 +98,21 @@ def test_truncated_shard_names_shard_and_key(cache, tmp_path):
     shard.write_bytes(data[: int(len(data) * 0.6)])
     with pytest.raises(ValueError, match=r"shard-000001\.tar.*sample boxroom__scene_\d+__s\d+"):
         list(cache_dataset(split, shuffle=False, seed=0))
+
+
+def test_training_reader_names_a_truncated_shard(cache, tmp_path):
+    from distill3r.training.data import read_range, split_shards
+
+    split = tmp_path / "train"
+    shutil.copytree(cache / "train", split)
+    shard = split / "shard-000001.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: int(len(data) * 0.6)])
+    _, shards = split_shards(split)
+    total = sum(s.num_samples for s in shards)
+    with pytest.raises(CorruptShardError,
+                       match=r"shard-000001\.tar: truncated.*sample boxroom__scene_\d+__s\d+"):
+        list(read_range(shards, 0, total))
 
 
 def test_missing_member_names_shard_and_key(cache, tmp_path):

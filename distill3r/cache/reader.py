@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import tarfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -21,7 +21,8 @@ from distill3r.cache.schema import FORMAT, INDEX_NAME, decode_sample, read_json
 from distill3r.data.sampling import stable_seed
 
 __all__ = ["read_index", "list_shards", "cache_dataset", "collate_samples", "check_compatible",
-           "samples_per_rank", "shard_sample_counts", "decode_sample", "CorruptShardError"]
+           "samples_per_rank", "shard_sample_counts", "decode_sample", "CorruptShardError",
+           "shard_samples"]
 
 
 class CorruptShardError(ValueError):
@@ -118,6 +119,43 @@ def _raise_corrupt_shard(exn: Exception) -> bool:
         raise exn
     raise CorruptShardError(f"{url}: truncated or corrupt shard, {_find_member_error(url)}") \
         from exn
+
+
+def shard_samples(path: str | Path) -> Iterator[dict]:
+    """Raw samples of one shard in stored order (member name -> bytes, ``__key__``,
+    ``__url__``); a truncated or corrupt tar raises ``CorruptShardError`` naming the shard and
+    the sample where reading stopped (WebDataset's own tar reader ends silently there)."""
+    url = str(path)
+    sample: dict | None = None
+    current = None
+    try:
+        with tarfile.open(url, mode="r|*") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                current = info.name
+                key, _, member = Path(info.name).name.partition(".")
+                data = tar.extractfile(info).read()
+                if len(data) != info.size:
+                    raise EOFError(f"{len(data)} of {info.size} bytes")
+                if sample is not None and sample["__key__"] != key:
+                    yield sample
+                    sample = None
+                if sample is None:
+                    sample = {"__key__": key, "__url__": url}
+                sample[member] = data
+                current = None
+            end = tar.offset
+        with open(url, "rb") as f:  # a tar cut at a member boundary just looks shorter
+            f.seek(end)
+            if f.read(512) != bytes(512):
+                raise EOFError("no end-of-archive marker")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        where = (f"in member {current!r} (sample {_member_key(current)})" if current
+                 else f"after sample {sample['__key__']}" if sample else "at its first header")
+        raise CorruptShardError(f"{url}: truncated or corrupt shard, {where}: {exc}") from exc
+    if sample is not None:
+        yield sample
 
 
 def cache_dataset(split_dir: str | Path, shuffle: bool, seed: int, *, epoch: int = 0,

@@ -38,12 +38,11 @@ from typing import Callable, Iterator, Optional
 
 import lightning as L
 import numpy as np
-import webdataset as wds
 from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distill3r.cache.reader import (check_compatible, collate_samples, decode_sample, list_shards,
-                                    read_index, shard_sample_counts)
+                                    read_index, shard_sample_counts, shard_samples)
 from distill3r.config import Params
 from distill3r.models import get_config
 from distill3r.teachers import get_teacher
@@ -82,7 +81,7 @@ def read_range(shards: list[Shard], start: int, length: int) -> Iterator[dict]:
         skip = pos - (int(ends[i]) - shards[i].num_samples)
         take = min(remaining, shards[i].num_samples - skip)
         got = 0
-        for j, raw in enumerate(wds.tarfile_samples([{"url": str(shards[i].path)}])):
+        for j, raw in enumerate(shard_samples(shards[i].path)):
             if j >= skip:
                 yield raw
                 got += 1
