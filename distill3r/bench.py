@@ -45,6 +45,7 @@ import torch
 from distill3r.config import BenchParams
 from distill3r.devices import autocast, parse_dtype, resolve_device
 from distill3r.flops import forward_flops
+from distill3r.jsonio import write_json
 from distill3r.models import MODEL_CONFIGS, build_student, get_config
 
 ROW_MARKER = "DISTILL3R_BENCH_ROW "
@@ -356,11 +357,8 @@ def write_report(rows: list[dict], summary: dict, settings: dict, path: str | Pa
     for r in rows:
         if not r.get("oom"):
             metrics.setdefault(r["model"], {})[f"views_{r['views']}"] = {k: r[k] for k in keys}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"settings": settings, "rows": rows, "metrics": metrics, "summary": summary}
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    return path
+    return write_json(path, payload)
 
 
 def plot_report(rows: list[dict], summary: dict, path: str | Path) -> Path:

@@ -38,6 +38,7 @@ from distill3r.devices import autocast, bf16_supported, parse_dtype, resolve_dev
 from distill3r.evaluation.metrics import subsample_indices
 from distill3r.evaluation.poses import estimate_focal, intrinsics, pnp_poses, procrustes_poses
 from distill3r.export import write_ply, write_preview
+from distill3r.jsonio import write_json
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +250,7 @@ def reconstruct_scene(model: torch.nn.Module, scene: Scene, output_dir: str | Pa
                "frames": [{"frame": i, "image": p.name, "source_size": list(sizes[i]),
                            "K": K.tolist(), "c2w": c2w[i].tolist(), "pose_method": methods[i]}
                           for i, p in enumerate(scene.images)]}
-    files["cameras.json"].write_text(json.dumps(cameras, indent=2) + "\n")
+    write_json(files["cameras.json"], cameras)
     write_preview(files["preview.png"], images, pred["xyz_local"][..., 2], pred["conf_local"],
                   points, colors, K, max_views=params.preview_views)
     t4 = time.perf_counter()
@@ -268,7 +269,7 @@ def reconstruct_scene(model: torch.nn.Module, scene: Scene, output_dir: str | Pa
                       "export": t4 - t3, "total": t4 - t0},
         "outputs": {k: str(v) for k, v in files.items()},
     }
-    files["info.json"].write_text(json.dumps(info, indent=2) + "\n")
+    write_json(files["info.json"], info)
     return info
 
 

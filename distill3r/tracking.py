@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from distill3r.config import flatten, to_dict
+from distill3r.jsonio import read_json, write_json
 
 if TYPE_CHECKING:  # imported lazily at run time: mlflow is slow to import
     import mlflow
@@ -324,25 +325,13 @@ def write_run_ref(path: str | Path, run: Any, tracking_uri: str | None = None) -
         tracking_uri=tracking_uri or mlflow.get_tracking_uri(),
         run_name=info.run_name,
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(ref), indent=2) + "\n")
-    tmp.replace(path)
+    write_json(path, dataclasses.asdict(ref))
     return ref
 
 
 def read_run_ref(path: str | Path) -> RunRef:
     """Read a file written by :func:`write_run_ref` (``ValueError`` naming the file if bad)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: MLflow run reference not found (run the train stage first)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+    raw = read_json(path, "MLflow run reference", "run the train stage first")
     names = {f.name for f in dataclasses.fields(RunRef)}
     missing = sorted({"run_id", "experiment_id", "tracking_uri"} - set(raw))
     unknown = sorted(set(raw) - names)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -41,6 +40,7 @@ from distill3r.config import CacheParams, to_dict
 from distill3r.data.io import read_depth, read_image, resize_crop
 from distill3r.data.manifest import SPLITS, group_scenes, read_manifest
 from distill3r.data.sampling import ViewSample, sample_views
+from distill3r.jsonio import write_json
 from distill3r.teachers import Teacher, TeacherInput, get_teacher
 from distill3r.teachers.base import params_digest
 
@@ -188,12 +188,6 @@ def _locked_by_someone(folder: Path) -> bool:
     return False
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def _split_done(out: Path, split: str, fingerprint: str) -> bool:
     index = read_json(out / split / INDEX_NAME)
     return bool(index) and index.get("fingerprint") == fingerprint and all(
@@ -240,7 +234,7 @@ def finalize_cache(plan: CachePlan, out_dir: str | Path) -> bool:
             folder.mkdir(parents=True, exist_ok=True)
             for stale in folder.glob("*.tmp*"):  # e.g. an index.json.tmp of a killed run
                 stale.unlink()
-            _write_json(folder / INDEX_NAME, _index(plan, split, folder))
+            write_json(folder / INDEX_NAME, _index(plan, split, folder), indent=1, sort_keys=True)
             old = out / f".old-{split}-{plan.fingerprint}"
             if (out / split).exists():
                 shutil.rmtree(old, ignore_errors=True)

@@ -21,7 +21,6 @@ The report (``manifest_report.json``) lists every skipped scene with the file an
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from distill3r.config import DataParams
 from distill3r.data.io import read_depth, read_image, resize_crop, write_depth_png, write_image
 from distill3r.data.manifest import FrameRecord, write_manifest
 from distill3r.data.sources import Frame, Scene, Source, make_source
+from distill3r.jsonio import write_json
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +203,7 @@ def build_manifest(params: DataParams, out_csv: str | Path, images_dir: str | Pa
     report.update(frames=len(records), scenes=counts["train"]["scenes"] + counts["val"]["scenes"],
                   splits=counts, resized_frames=resized)
     if report_path is not None:  # also when nothing is usable: it says why
-        report_path = Path(report_path)
-        report_path.parent.mkdir(parents=True, exist_ok=True)
-        report_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        write_json(report_path, report, sort_keys=True)
     if not records:
         reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in report["skipped"][:5])
         raise ValueError(f"data.sources: no usable scene ({len(report['skipped'])} skipped: "

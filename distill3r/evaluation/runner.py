@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import math
 import os
@@ -43,6 +42,7 @@ from distill3r.devices import autocast, bf16_supported, parse_dtype, resolve_dev
 from distill3r.evaluation.baselines import fit_layout_prior, layout_baseline, plane_baseline
 from distill3r.evaluation.protocol import aggregate_metrics, evaluate_sample
 from distill3r.inference import checkpoint_fingerprint
+from distill3r.jsonio import write_json
 from distill3r.tracking import RunRef, log_metrics, read_run_ref, start_run
 
 log = logging.getLogger(__name__)
@@ -322,10 +322,7 @@ def _clean(value: Any) -> Any:
 def write_report(report: dict, path: Path) -> dict:
     """Write the cleaned report atomically (temporary file, then rename); return it."""
     report = _clean(report)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    tmp.replace(path)
+    write_json(path, report, allow_nan=False)
     return report
 
 

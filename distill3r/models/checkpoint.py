@@ -9,13 +9,13 @@ on load so a weights file that does not belong to the config is refused.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from distill3r.jsonio import read_json, write_json
 from distill3r.models.configs import StudentConfig
 from distill3r.models.statedict import check_state_dict
 from distill3r.models.student import Student
@@ -44,18 +44,13 @@ def save_student(model: Student, out_dir: str | Path) -> Path:
             "num_params": sum(p.numel() for p in model.parameters()),
             "sha256": weights_fingerprint(state)}
     save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"format": FORMAT})
-    (out_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    write_json(out_dir / CONFIG_FILE, meta)
     return out_dir
 
 
 def _read_meta(path: Path) -> dict:
-    if not path.is_file():
-        raise ValueError(f"{path}: student config not found")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "config" not in meta:
+    meta = read_json(path, "student config")
+    if meta.get("format") != FORMAT or "config" not in meta:
         raise ValueError(f"{path}: not a {FORMAT} config (needs 'format' and 'config')")
     return meta
 

@@ -24,6 +24,8 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from distill3r.jsonio import write_json
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Save = temp file + fsync + ``os.replace``; load = ``weights_only=True``."""
@@ -97,6 +99,4 @@ def write_curves(history: list[dict[str, float]], plots: Optional[str | Path],
             writer.writeheader()
             writer.writerows(history)
     if metrics is not None:
-        Path(metrics).parent.mkdir(parents=True, exist_ok=True)
-        summary = {"final_val": history[-1], "first_val": history[0]}
-        Path(metrics).write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(metrics, {"final_val": history[-1], "first_val": history[0]})
