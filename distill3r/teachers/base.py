@@ -117,6 +117,24 @@ class Teacher(ABC):
     """A model (or ground truth) that produces the distillation targets."""
 
     name: str = "teacher"
+    requires: tuple[str, ...] = ()  # manifest fields every frame needs: "depth", "K", "c2w"
+
+    def check_frames(self, scenes: dict) -> None:
+        """Before any teacher call: ``ValueError`` listing the scenes (``group_scenes`` keys
+        ``(dataset, split, scene)`` -> frame records) whose frames lack a required field."""
+        lacking = []
+        for (dataset, _, scene), frames in scenes.items():
+            missing = [f for f in self.requires
+                       if any(getattr(r, f) is None for r in frames)]
+            if missing:
+                lacking.append(f"{dataset}/{scene} (no {', '.join(missing)})")
+        if lacking:
+            more = f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
+            raise ValueError(
+                f"teacher {self.name!r} needs {', '.join(self.requires)} for every frame, but "
+                f"{len(lacking)} scene(s) lack them: {'; '.join(lacking[:5])}{more}. Use "
+                "teacher.name: fast3r for sources without depth and poses, or drop them from "
+                "data.sources")
 
     @abstractmethod
     def fingerprint(self) -> str:

@@ -40,6 +40,7 @@ class GroundTruthTeacher(Teacher):
     """Point maps from ground-truth depth + K + c2w (see module docstring)."""
 
     name = "groundtruth"
+    requires = ("depth", "K", "c2w")
 
     def __init__(self, params: TeacherParams):
         if not 1.0 <= params.edge_confidence <= params.max_confidence:
