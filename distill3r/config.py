@@ -60,14 +60,28 @@ class DataParams:
 
 
 @dataclass
+class DatasetSampling:
+    """``cache.dataset_sampling`` entry: the view sampling of one manifest dataset; a null field
+    keeps the cache-wide value."""
+
+    dataset: str  # the manifest's dataset name
+    sampling: Optional[str] = None
+    frame_stride: Optional[int] = None
+    neighbours: Optional[int] = None
+    max_samples_per_scene: Optional[int] = None
+
+
+@dataclass
 class CacheParams:
     """Teacher cache: view sampling and WebDataset shards."""
 
     image_size: list[int] = field(default_factory=lambda: [112, 112])  # [H, W], multiples of 14
     views_per_sample: int = 4
     max_samples_per_scene: int = 4
-    sampling: str = "random"  # "random" subsets or "stride" (consecutive frames)
+    sampling: str = "random"  # "random" subsets, "stride" (consecutive) or "nearby" (overlap)
     frame_stride: int = 1
+    neighbours: int = 8  # nearby: views come from an anchor's nearest frames (>= views - 1)
+    dataset_sampling: list[DatasetSampling] = field(default_factory=list)  # per-dataset
     seed: int = 0
     shard_max_samples: int = 64
     shard_max_bytes: int = 256_000_000
@@ -211,6 +225,10 @@ class Params:
 # Strict loading
 # ----------------------------------------------------------------------------------------------
 def _type_name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -229,7 +247,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ValueError as exc:
                 errors.append(str(exc))
-        raise ValueError(f"{where}: {value!r} is not a {_type_name(tp)}")
+        raise ValueError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ValueError(f"{where}: expected a mapping, got {value!r}")

@@ -56,3 +56,12 @@ def test_round_trip_and_flatten():
     flat = flatten(to_dict(params))
     assert flat["train.lr"] == params.train.lr
     assert flat["cache.image_size"] == params.cache.image_size
+
+
+def test_optional_and_mapping_types_are_named():
+    with pytest.raises(ValueError, match=r"dataset_sampling\[0\]\.frame_stride: expected int "
+                                         r"or null, got '4'"):
+        from_dict(Params, {"cache": {"dataset_sampling": [{"dataset": "d",
+                                                           "frame_stride": "4"}]}})
+    with pytest.raises(ValueError, match=r"sources\[0\]\.options: expected a mapping"):
+        from_dict(Params, {"data": {"sources": [{"kind": "images", "options": [1]}]}})

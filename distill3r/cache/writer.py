@@ -39,7 +39,7 @@ from distill3r.cache.schema import (FORMAT, INDEX_NAME, encode_sample, read_json
 from distill3r.config import CacheParams, to_dict
 from distill3r.data.io import read_depth, read_image, resize_crop
 from distill3r.data.manifest import SPLITS, group_scenes, read_manifest
-from distill3r.data.sampling import ViewSample, sample_views
+from distill3r.data.sampling import SamplingRule, ViewSample, dataset_rules, sample_scenes
 from distill3r.jsonio import write_json
 from distill3r.teachers import Teacher, TeacherInput, get_teacher
 from distill3r.teachers.base import params_digest
@@ -71,10 +71,12 @@ def plan_cache(manifest_csv: str | Path, cache: CacheParams, teacher: Teacher) -
     manifest_csv = Path(manifest_csv)
     if len(cache.image_size) != 2 or min(cache.image_size) < 1:
         raise ValueError(f"cache.image_size must be [H, W], got {cache.image_size}")
-    records = read_manifest(manifest_csv)
-    samples, skipped = sample_views(group_scenes(records), cache.views_per_sample,
-                                    cache.max_samples_per_scene, cache.sampling,
-                                    cache.frame_stride, cache.seed)
+    base = SamplingRule(cache.sampling, cache.views_per_sample, cache.max_samples_per_scene,
+                        cache.frame_stride, cache.neighbours)
+    rules = dataset_rules(base, cache.dataset_sampling)  # params errors before the manifest
+    groups = group_scenes(read_manifest(manifest_csv))
+    teacher.check_frames(groups)  # e.g. ground truth without depth: fail before any shard
+    samples, skipped = sample_scenes(groups, base, rules, cache.seed)
     H, W = cache.image_size
     bound = sample_nbytes_bound(cache.views_per_sample, H, W)
     per_shard = max(1, min(cache.shard_max_samples, cache.shard_max_bytes // bound))

@@ -1,19 +1,29 @@
 """View sampling: which frames of a scene form one multi-view sample.
 
-Two strategies (``cache.sampling``):
+Three strategies (``cache.sampling``):
 - ``"stride"``: ``views_per_sample`` consecutive frames ``frame_stride`` apart; up to
   ``max_samples_per_scene`` windows whose start offsets are spread evenly over the scene;
 - ``"random"``: distinct random subsets of ``views_per_sample`` frames, drawn with a generator
   seeded from ``(seed, dataset, scene)`` by a stable hash (not Python's salted ``hash()``), so a
-  scene's samples do not depend on which other scenes are in the manifest.
-Frames inside a sample are in ascending frame order (view 0 = earliest frame). Scenes with too
-few frames are skipped, returned, and reported with a warning.
+  scene's samples do not depend on which other scenes are in the manifest;
+- ``"nearby"``: views that overlap. Each sample has an anchor frame (one drawn from each of
+  ``max_samples_per_scene`` equal slices of the scene, with the generator of ``"random"``) and
+  ``views_per_sample - 1`` other frames drawn from the anchor's ``neighbours`` nearest frames:
+  nearest by :func:`~distill3r.data.ordering.pose_distance` when every frame of the scene has a
+  ``c2w`` (and it has at most ``POSE_FRAMES_LIMIT`` frames: the distances are ``O(n^2)``), else
+  by frame order ``|i - j|`` (sources order frames so that order neighbours overlap). An anchor
+  whose neighbourhood has no unused subset left gives way to the others.
+Frames inside a sample are in ascending frame order (view 0 = earliest frame); a scene's
+samples are distinct. Scenes with too few frames are skipped, returned, and reported with a
+warning.
+
+``cache.dataset_sampling`` overrides ``sampling``, ``frame_stride``, ``neighbours`` and
+``max_samples_per_scene`` for the scenes of one dataset (:func:`dataset_rules`).
 
 Sample ids are ``s000, s001, ...`` per scene; the WebDataset key is
 ``"<dataset>__<scene>__sNNN"`` with every character outside ``[A-Za-z0-9_-]`` (dots in
 particular, which WebDataset treats as extension separators) replaced by ``_``.
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -21,15 +31,21 @@ import itertools
 import math
 import re
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from distill3r.config import DatasetSampling
 from distill3r.data.manifest import FrameRecord
+from distill3r.data.ordering import pose_distance
 
-SAMPLING_MODES = ("stride", "random")
+SAMPLING_MODES = ("stride", "random", "nearby")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
 _ENUMERATE_LIMIT = 20_000  # enumerate all subsets when there are at most this many
+_ANCHOR_ENUMERATE_LIMIT = 2_000  # nearby: enumerate an anchor's subsets up to this many
+_ANCHOR_TRIES = 200  # nearby: random draws before a large neighbourhood counts as used up
+POSE_FRAMES_LIMIT = 2_000  # nearby: larger scenes use frame order (pose distances are O(n^2))
 
 
 def stable_seed(*parts) -> int:
@@ -89,35 +105,221 @@ def _random_subsets(n: int, views: int, max_samples: int, seed: int) -> list[lis
     return out
 
 
-def sample_views(groups: dict[tuple[str, str, str], list[FrameRecord]], views_per_sample: int,
-                 max_samples_per_scene: int, sampling: str = "random", frame_stride: int = 1,
-                 seed: int = 0) -> tuple[list[ViewSample], list[dict]]:
-    """Samples for every scene of ``groups`` (from ``group_scenes``), in scene order.
+# ---------------------------------------------------------------------------------------------
+# Nearby: an anchor and frames among its nearest
+# ---------------------------------------------------------------------------------------------
+def _all_posed(frames: list[FrameRecord]) -> bool:
+    return bool(frames) and all(r.c2w is not None for r in frames)
+
+
+def _order_neighbours(i: int, n: int, k: int) -> np.ndarray:
+    """The ``k`` frames nearest to ``i`` in frame order: ``i-1, i+1, i-2, i+2, ...``."""
+    offsets = np.arange(1, n)
+    around = np.stack([i - offsets, i + offsets], axis=1).ravel()
+    return around[(around >= 0) & (around < n)][:k]
+
+
+def _neighbour_lookup(frames: list[FrameRecord], k: int) -> Callable[[int], np.ndarray]:
+    """``near(i)``: indices of the ``k`` frames of ``frames`` nearest to frame ``i``, nearest
+    first, ties to the lower index. By :func:`pose_distance` when every frame has a ``c2w`` and
+    there are at most ``POSE_FRAMES_LIMIT`` frames (the distance matrix is ``O(n^2)``), else
+    by frame order."""
+    n = len(frames)
+    if not _all_posed(frames) or n > POSE_FRAMES_LIMIT:
+        return lambda i: _order_neighbours(i, n, k)
+    # rounded so that last-bit differences between BLAS builds cannot reorder exact ties
+    dist = np.round(pose_distance(np.stack([r.c2w for r in frames])), 9)
+    np.fill_diagonal(dist, np.inf)
+    table = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    return lambda i: table[i]
+
+
+def _spread_anchors(candidates: np.ndarray, count: int, rng: np.random.Generator) -> list[int]:
+    """``count`` frames of ``candidates``, one drawn from each of ``count`` equal slices of it
+    (a one-frame slice repeats when ``count`` exceeds ``len(candidates)``)."""
+    m = len(candidates)
+    lo = np.arange(count) * m // count
+    hi = np.maximum(lo + 1, np.arange(1, count + 1) * m // count)
+    return [int(candidates[j]) for j in rng.integers(lo, hi)]
+
+
+def _draw_near(anchor: int, near: np.ndarray, others: int, taken: set[tuple[int, ...]],
+               rng: np.random.Generator) -> tuple[int, ...] | None:
+    """A sorted subset not in ``taken``: ``anchor`` plus ``others`` frames of ``near``; None
+    when every such subset is taken (or, for a huge neighbourhood, no draw found a free one)."""
+    if math.comb(len(near), others) <= _ANCHOR_ENUMERATE_LIMIT:
+        free = [s for c in itertools.combinations(near.tolist(), others)
+                if (s := tuple(sorted((anchor, *c)))) not in taken]
+        return free[int(rng.integers(len(free)))] if free else None
+    for _ in range(_ANCHOR_TRIES):
+        subset = tuple(sorted((anchor, *rng.choice(near, size=others, replace=False).tolist())))
+        if subset not in taken:
+            return subset
+    return None
+
+
+def _nearby_subsets(near: Callable[[int], np.ndarray], n: int, views: int, max_samples: int,
+                    seed: int) -> list[list[int]]:
+    """Distinct samples of ``views`` frames, each an anchor plus frames of ``near(anchor)``;
+    anchors spread over the frames whose neighbourhood still has an unused subset."""
+    if n < views:
+        return []
+    rng = np.random.default_rng(seed)
+    taken: set[tuple[int, ...]] = set()
+    out: list[list[int]] = []
+    used_up = np.zeros(n, bool)
+    # every anchor visit adds a sample or marks the anchor used up, so the loop ends
+    while len(out) < max_samples and not used_up.all():
+        for anchor in _spread_anchors(np.flatnonzero(~used_up), max_samples - len(out), rng):
+            subset = _draw_near(anchor, near(anchor), views - 1, taken, rng)
+            if subset is None:
+                used_up[anchor] = True
+            else:
+                taken.add(subset)
+                out.append(list(subset))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules: cache-wide values and per-dataset overrides
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SamplingRule:
+    """How the scenes of one dataset are sampled: the cache-wide values (``cache.*``) or a
+    dataset's override of them. ``neighbours`` is used by ``"nearby"`` only."""
+
+    sampling: str
+    views_per_sample: int
+    max_samples_per_scene: int
+    frame_stride: int = 1
+    neighbours: int = 8
+
+    @property
+    def needed(self) -> int:
+        """Frames a scene needs for one sample."""
+        if self.sampling == "stride":
+            return (self.views_per_sample - 1) * self.frame_stride + 1
+        return self.views_per_sample
+
+
+_OVERRIDABLE = ("sampling", "frame_stride", "neighbours", "max_samples_per_scene")
+
+
+def _check_mode(value: str, key: str) -> None:
+    if value not in SAMPLING_MODES:
+        raise ValueError(f"{key}: must be one of {', '.join(SAMPLING_MODES)}, got {value!r}")
+
+
+def _check_positive(value: int, key: str) -> None:
+    if value < 1:
+        raise ValueError(f"{key}: must be >= 1, got {value}")
+
+
+def _check_neighbours(rule: SamplingRule, key: str, note: str = "") -> None:
+    if rule.neighbours < rule.views_per_sample - 1:
+        raise ValueError(f"{key}: must be >= views_per_sample - 1 = {rule.views_per_sample - 1}"
+                         f" for nearby sampling{note}, got {rule.neighbours}")
+
+
+def _override(base: SamplingRule, entry: DatasetSampling, where: str) -> SamplingRule:
+    """``base`` with the non-null fields of ``entry`` (checked; errors name ``where.<key>``)."""
+    changes = {k: getattr(entry, k) for k in _OVERRIDABLE if getattr(entry, k) is not None}
+    if "sampling" in changes:
+        _check_mode(changes["sampling"], f"{where}.sampling")
+    for key in ("frame_stride", "max_samples_per_scene"):
+        if key in changes:
+            _check_positive(changes[key], f"{where}.{key}")
+    rule = replace(base, **changes)
+    if rule.sampling == "nearby":
+        if "neighbours" in changes:
+            _check_neighbours(rule, f"{where}.neighbours")
+        else:
+            _check_neighbours(rule, "cache.neighbours", f" (inherited by {where})")
+    return rule
+
+
+def dataset_rules(base: SamplingRule,
+                  overrides: Sequence[DatasetSampling] = ()) -> dict[str, SamplingRule]:
+    """Check ``base`` (the cache-wide values) and ``overrides`` (``cache.dataset_sampling``) and
+    return ``{dataset: rule}`` for every overridden dataset (others use ``base``).
+
+    ``neighbours`` is checked only where ``"nearby"`` uses it.
+
+    Raises:
+        ValueError: naming the key, e.g. ``cache.dataset_sampling[1].sampling: must be one
+        of ...``; also for a dataset listed twice.
+    """
+    _check_mode(base.sampling, "cache.sampling")
+    for key in ("views_per_sample", "max_samples_per_scene", "frame_stride"):
+        _check_positive(getattr(base, key), f"cache.{key}")
+    if base.sampling == "nearby":
+        _check_neighbours(base, "cache.neighbours")
+    rules: dict[str, SamplingRule] = {}
+    first: dict[str, int] = {}
+    for i, entry in enumerate(overrides):
+        where = f"cache.dataset_sampling[{i}]"
+        if not entry.dataset:
+            raise ValueError(f"{where}.dataset: must name a dataset, got {entry.dataset!r}")
+        if entry.dataset in first:
+            raise ValueError(f"{where}.dataset: {entry.dataset!r} already has an override "
+                             f"(cache.dataset_sampling[{first[entry.dataset]}])")
+        first[entry.dataset] = i
+        rules[entry.dataset] = _override(base, entry, where)
+    return rules
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling a manifest
+# ---------------------------------------------------------------------------------------------
+def _scene_picks(frames: list[FrameRecord], rule: SamplingRule, seed: int) -> list[list[int]]:
+    """Frame positions (into ``frames``) of each sample of one scene; empty if too few."""
+    n = len(frames)
+    if rule.sampling == "stride":
+        return _stride_windows(n, rule.views_per_sample, rule.frame_stride,
+                               rule.max_samples_per_scene)
+    if rule.sampling == "random":
+        return _random_subsets(n, rule.views_per_sample, rule.max_samples_per_scene, seed)
+    near = _neighbour_lookup(frames, min(rule.neighbours, max(n - 1, 0)))
+    return _nearby_subsets(near, n, rule.views_per_sample, rule.max_samples_per_scene, seed)
+
+
+def _warn_unused(rules: dict[str, SamplingRule], datasets: set[str]) -> None:
+    absent = sorted(set(rules) - datasets)
+    if absent:
+        warnings.warn(f"cache.dataset_sampling: no scene of dataset(s) {', '.join(absent)} in "
+                      f"the manifest (it has: {', '.join(sorted(datasets)) or 'none'}); their "
+                      "override is unused", stacklevel=3)
+
+
+def _warn_list(what: str, items: list[str]) -> None:
+    more = f" and {len(items) - 10} more" if len(items) > 10 else ""
+    warnings.warn(f"{len(items)} scene(s) {what}: {', '.join(items[:10])}{more}", stacklevel=3)
+
+
+def sample_scenes(groups: dict[tuple[str, str, str], list[FrameRecord]], base: SamplingRule,
+                  rules: dict[str, SamplingRule] | None = None,
+                  seed: int = 0) -> tuple[list[ViewSample], list[dict]]:
+    """Samples for every scene of ``groups`` (from ``group_scenes``), in scene order, each scene
+    by ``rules[dataset]`` (from :func:`dataset_rules`) or else ``base``.
 
     Returns:
         ``(samples, skipped)``; ``skipped`` lists ``{"dataset","split","scene","frames",
         "needed"}`` for scenes with too few frames (also reported with ``warnings.warn``).
     """
-    if sampling not in SAMPLING_MODES:
-        raise ValueError(f"cache.sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
-    if views_per_sample < 1 or max_samples_per_scene < 1 or frame_stride < 1:
-        raise ValueError("cache.views_per_sample, max_samples_per_scene and frame_stride must "
-                         f"be >= 1, got {views_per_sample}, {max_samples_per_scene}, "
-                         f"{frame_stride}")
-    needed = (views_per_sample - 1) * frame_stride + 1 if sampling == "stride" else views_per_sample
+    rules = rules or {}
+    _warn_unused(rules, {d for d, _, _ in groups})
     samples: list[ViewSample] = []
     skipped: list[dict] = []
+    large_posed: list[str] = []
     owners: dict[str, tuple] = {}
     for (dataset, split, scene), frames in groups.items():
-        n = len(frames)
-        if sampling == "stride":
-            picks = _stride_windows(n, views_per_sample, frame_stride, max_samples_per_scene)
-        else:
-            picks = _random_subsets(n, views_per_sample, max_samples_per_scene,
-                                    stable_seed(seed, dataset, scene))
+        rule = rules.get(dataset, base)
+        if rule.sampling == "nearby" and _all_posed(frames) and len(frames) > POSE_FRAMES_LIMIT:
+            large_posed.append(f"{dataset}/{scene} ({len(frames)})")
+        picks = _scene_picks(frames, rule, stable_seed(seed, dataset, scene))
         if not picks:
-            skipped.append({"dataset": dataset, "split": split, "scene": scene, "frames": n,
-                            "needed": needed})
+            skipped.append({"dataset": dataset, "split": split, "scene": scene,
+                            "frames": len(frames), "needed": rule.needed})
             continue
         for i, idx in enumerate(picks):
             key = sample_key(dataset, scene, i)
@@ -131,9 +333,22 @@ def sample_views(groups: dict[tuple[str, str, str], list[FrameRecord]], views_pe
             owners[key] = (dataset, scene)
             samples.append(ViewSample(key=key, dataset=dataset, split=split, scene=scene,
                                       sample_id=f"s{i:03d}", frames=[frames[j] for j in idx]))
+    if large_posed:
+        _warn_list(f"have more than {POSE_FRAMES_LIMIT} frames: nearby sampling used frame "
+                   "order, not poses, for them", large_posed)
     if skipped:
-        names = ", ".join(f"{s['dataset']}/{s['scene']} ({s['frames']})" for s in skipped[:10])
-        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-        warnings.warn(f"{len(skipped)} scene(s) have fewer than the {needed} frames a "
-                      f"{sampling} sample needs and were skipped: {names}{more}", stacklevel=2)
+        _warn_list("have fewer frames than a sample needs and were skipped",
+                   [f"{s['dataset']}/{s['scene']} ({s['frames']} < {s['needed']})"
+                    for s in skipped])
     return samples, skipped
+
+
+def sample_views(groups: dict[tuple[str, str, str], list[FrameRecord]], views_per_sample: int,
+                 max_samples_per_scene: int, sampling: str = "random", frame_stride: int = 1,
+                 seed: int = 0, *, neighbours: int = 8,
+                 overrides: Sequence[DatasetSampling] = ()) -> tuple[list[ViewSample], list[dict]]:
+    """:func:`sample_scenes` with the cache-wide values given one by one and ``overrides``
+    (``cache.dataset_sampling``) checked by :func:`dataset_rules`."""
+    base = SamplingRule(sampling, views_per_sample, max_samples_per_scene, frame_stride,
+                        neighbours)
+    return sample_scenes(groups, base, dataset_rules(base, overrides), seed)
