@@ -122,3 +122,28 @@ def test_pose_distance_counts_rotation():
     d = pose_distance(c2w)
     assert d[0, 2] == pytest.approx(np.pi / 2) and d[0, 1] > 0
     np.testing.assert_allclose(d, d.T)
+
+
+def test_image_size_other_than_the_cameras_skips_the_scene(truth_root, tmp_path):
+    """A dataset whose camera says another size than the image file (e.g. downscaled images
+    with the full-size model) must not get a silently wrong K."""
+    from distill3r.data.sources.simple import DemoSource
+
+    root, truth = truth_root
+
+    @register_source
+    class WrongSize(DemoSource):
+        kind = "test-wrong-size"
+
+        def read_scene(self, ref):
+            scene = super().read_scene(ref)
+            if ref.name == truth[1].name:
+                for f in scene.frames:
+                    f.size = (96, 128)  # the truth is 48x64
+            return scene
+
+    csv, report = build(tmp_path, "test-wrong-size", root)
+    (skipped,) = report["skipped"]
+    assert skipped["scene"] == truth[1].name
+    assert "image is 64x48 but the dataset's camera is 128x96" in skipped["reason"]
+    assert scene_records(csv, truth[0].name)

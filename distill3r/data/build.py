@@ -85,6 +85,10 @@ def prepare_frame(source: Source, split: str, scene: Scene, frame: Frame, resize
     and scene if anything is unreadable or inconsistent."""
     image = read_image(frame.image)  # ValueError naming the file if unreadable
     h, w = image.shape[:2]
+    if frame.size is not None and tuple(frame.size) != (h, w):
+        raise ValueError(f"{frame.image}: image is {w}x{h} but the dataset's camera is "
+                         f"{frame.size[1]}x{frame.size[0]}, so K would be wrong (scene "
+                         f"{scene.name})")
     depth = source.read_depth(frame) if frame.depth is not None else None
     if depth is not None and depth.shape != (h, w):
         raise ValueError(f"{frame.depth}: depth is {depth.shape[1]}x{depth.shape[0]} but the "
@@ -94,9 +98,9 @@ def prepare_frame(source: Source, split: str, scene: Scene, frame: Frame, resize
                          depth=None if frame.depth is None else Path(frame.depth).resolve(),
                          K=frame.K, c2w=frame.c2w)
     resized = max(h, w) > resize_max
-    convert = depth is not None and (resized or not source.native_depth)
-    depth_suffix = (".png" if source.native_depth and frame.depth is not None
-                    and Path(frame.depth).suffix == ".png" else ".npy")
+    native = frame.depth is not None and source.depth_is_native(frame)
+    convert = depth is not None and (resized or not native)
+    depth_suffix = ".png" if native and Path(frame.depth).suffix == ".png" else ".npy"
     image_path, depth_path = _output_paths(images_dir, source.name, scene.name, frame,
                                            depth_suffix)
     if resized:

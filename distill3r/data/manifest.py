@@ -100,8 +100,8 @@ def read_manifest(path: str | Path) -> list[FrameRecord]:
                 raise ValueError(f"{where}: empty image path")
             records.append(FrameRecord(
                 dataset=row["dataset"], split=row["split"], scene=row["scene"], frame=frame,
-                image=base / row["image"],
-                depth=(base / row["depth"]) if row["depth"] else None,
+                image=Path(os.path.normpath(base / row["image"])),
+                depth=Path(os.path.normpath(base / row["depth"])) if row["depth"] else None,
                 K=_parse(row["K"], (3, 3), "K", where),
                 c2w=_parse(row["c2w"], (4, 4), "c2w", where),
             ))

@@ -58,6 +58,7 @@ class Frame:
     depth: Path | None = None
     K: np.ndarray | None = None  # [3,3] float64, pixels, matching ``image``
     c2w: np.ndarray | None = None  # [4,4] float64, OpenCV camera-to-world
+    size: tuple[int, int] | None = None  # (H, W) the dataset says the image has (K refers to it)
     extra: dict[str, Any] = field(default_factory=dict)  # source-private (e.g. depth scale)
 
 
@@ -114,6 +115,11 @@ class Source(ABC):
         """Metric depth ``[H,W]`` float32 of ``frame`` (0 = invalid); override with
         ``native_depth = False`` for other encodings."""
         return read_depth(frame.depth)
+
+    def depth_is_native(self, frame: Frame) -> bool:
+        """Whether ``frame.depth`` can go into the manifest as it is (readable by
+        ``io.read_depth`` with the same values); else the builder writes the converted map."""
+        return self.native_depth
 
     def warn(self, message: str) -> None:
         log.warning("%s", message)

@@ -253,7 +253,7 @@ class CO3DSource(Source):
             fmt, (h, w))
         frame = Frame(frame=number, image=_rel_path(self.root, _get(image, "path", str, "image"),
                                                     "image.path"),
-                      K=K, c2w=c2w, extra={"scene": scene, "size": (h, w)})
+                      K=K, c2w=c2w, size=(h, w), extra={"scene": scene, "size": (h, w)})
         depth = entry.get("depth")
         if depth is not None:
             self._add_depth(frame, depth)

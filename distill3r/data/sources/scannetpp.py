@@ -246,7 +246,7 @@ def _frame(entry: Any, meta: dict, images: Path, depth_dir: Path | None, path: P
     if depth_dir is not None and (depth_dir / f"{Path(name).stem}.png").is_file():
         depth = depth_dir / f"{Path(name).stem}.png"
     return Frame(frame=0, image=image, depth=depth, K=intrinsics(fx, fy, cx - 0.5, cy - 0.5),
-                 c2w=T @ GL_TO_CV, extra={"size": size, "pinhole": (fx, fy, cx, cy)})
+                 c2w=T @ GL_TO_CV, size=size, extra={"size": size, "pinhole": (fx, fy, cx, cy)})
 
 
 def _fisheye_camera(path: Path, scene: str) -> FisheyeCamera:
