@@ -147,3 +147,29 @@ def test_image_size_other_than_the_cameras_skips_the_scene(truth_root, tmp_path)
     assert skipped["scene"] == truth[1].name
     assert "image is 64x48 but the dataset's camera is 128x96" in skipped["reason"]
     assert scene_records(csv, truth[0].name)
+
+
+def test_skip_frame_drops_one_frame_and_keeps_the_scene(truth_root, tmp_path):
+    from distill3r.data.sources import SkipFrame
+    from distill3r.data.sources.simple import DemoSource
+
+    root, truth = truth_root
+
+    @register_source
+    class MaskedFrames(DemoSource):
+        kind = "test-skip-frame"
+
+        def read_depth(self, frame):
+            if frame.frame == 1 and frame.depth.parent.parent.name == truth[0].name:
+                raise SkipFrame(f"{frame.depth}: a mask, not depth")
+            return super().read_depth(frame)
+
+    csv, report = build(tmp_path, "test-skip-frame", root)
+    assert not report["skipped"] and report["frames"] == 3 + 4
+    assert [r.frame for r in scene_records(csv, truth[0].name)] == [0, 2, 3]
+    assert any("1 frame(s) dropped" in w and "a mask, not depth" in w
+               for w in report["warnings"])
+    csv, report = build(tmp_path / "strict", "test-skip-frame", root, min_frames=4)
+    (skipped,) = report["skipped"]
+    assert skipped["scene"] == truth[0].name and report["scenes"] == 1
+    assert skipped["reason"] == "3 usable frame(s) < data.min_frames=4"

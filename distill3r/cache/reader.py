@@ -94,7 +94,7 @@ def _find_member_error(url: str) -> str:
     """Where a tar stops being readable (diagnostics on the error path only)."""
     last = current = None
     try:
-        with tarfile.open(url, mode="r|*") as tar:
+        with tarfile.open(url, mode="r|") as tar:  # shards are plain tars (offsets below)
             for info in tar:
                 current = info.name
                 f = tar.extractfile(info)

@@ -28,9 +28,9 @@ import numpy as np
 from tqdm import tqdm
 
 from distill3r.config import DataParams
-from distill3r.data.io import read_depth, read_image, resize_crop, write_depth_png, write_image
+from distill3r.data.io import read_image, resize_crop, write_depth_png, write_image
 from distill3r.data.manifest import FrameRecord, write_manifest
-from distill3r.data.sources import Frame, Scene, Source, make_source
+from distill3r.data.sources import Frame, Scene, SkipFrame, Source, make_source
 from distill3r.jsonio import write_json
 
 log = logging.getLogger(__name__)
@@ -121,12 +121,21 @@ def prepare_frame(source: Source, split: str, scene: Scene, frame: Frame, resize
 
 def _prepare_scene(source: Source, split: str, scene: Scene, params: DataParams,
                    images_dir: Path) -> tuple[list[FrameRecord], int]:
-    records, resized = [], 0
+    records, resized, dropped = [], 0, []
     for frame in scene.frames:
-        record, was_resized = prepare_frame(source, split, scene, frame, params.resize_max,
-                                            images_dir)
+        try:
+            record, was_resized = prepare_frame(source, split, scene, frame, params.resize_max,
+                                                images_dir)
+        except SkipFrame as exc:
+            dropped.append(str(exc))
+            continue
         records.append(record)
         resized += was_resized
+    if dropped:
+        source.warn(f"{scene.path}: {len(dropped)} frame(s) dropped (scene {scene.name}), "
+                    f"e.g. {dropped[0]}")
+    if len(records) < params.min_frames:
+        raise ValueError(f"{len(records)} usable frame(s) < data.min_frames={params.min_frames}")
     return records, resized
 
 
@@ -136,12 +145,15 @@ def _skip(report: dict, dataset: str, scene: str, path, reason: str) -> None:
                               "reason": reason})
 
 
-def _collect(params: DataParams, report: dict) -> list[tuple[Source, Scene]]:
-    """Scenes kept after sampling and the min_frames rule, as ``(source, scene)``."""
+def _collect(params: DataParams, report: dict) -> tuple[list[Source], list[tuple[Source, Scene]]]:
+    """The sources, and the scenes kept after sampling and the min_frames rule as
+    ``(source, scene)``."""
+    sources: list[Source] = []
     kept: list[tuple[Source, Scene]] = []
     seen: dict[tuple[str, str], Path] = {}
     for i, src_params in enumerate(params.sources):
         source = make_source(src_params, f"data.sources[{i}]")
+        sources.append(source)
         scenes = source.scenes()
         for skipped in source.skipped:
             report["skipped"].append({"dataset": source.name, **skipped})
@@ -164,9 +176,8 @@ def _collect(params: DataParams, report: dict) -> list[tuple[Source, Scene]]:
                 stats["scenes_too_short"] += 1
                 continue
             kept.append((source, scene))
-        report["warnings"].extend(source.warnings)
         report["datasets"][source.name] = stats
-    return kept
+    return sources, kept
 
 
 def build_manifest(params: DataParams, out_csv: str | Path, images_dir: str | Path,
@@ -179,7 +190,7 @@ def build_manifest(params: DataParams, out_csv: str | Path, images_dir: str | Pa
     images_dir = Path(images_dir)
     images_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing is resized
     report: dict = {"datasets": {}, "skipped": [], "warnings": []}
-    kept = _collect(params, report)
+    sources, kept = _collect(params, report)
     prepared: list[tuple[Source, Scene, list[FrameRecord]]] = []
     resized = 0
     for source, scene in tqdm(kept, desc="manifest", unit="scene", disable=not progress):
@@ -195,6 +206,8 @@ def build_manifest(params: DataParams, out_csv: str | Path, images_dir: str | Pa
     # splits among the scenes that made it, so a skipped scene cannot leave a split empty
     splits = assign_splits([(src.name, s.name) for src, s, _ in prepared], params.val_fraction,
                            params.split_salt)
+    for source in sources:  # listing and preparing both warn (skipped files, dropped frames)
+        report["warnings"].extend(source.warnings)
     records: list[FrameRecord] = []
     counts = {"train": {"scenes": 0, "frames": 0}, "val": {"scenes": 0, "frames": 0}}
     for source, scene, scene_records in prepared:
@@ -209,7 +222,8 @@ def build_manifest(params: DataParams, out_csv: str | Path, images_dir: str | Pa
     if report_path is not None:  # also when nothing is usable: it says why
         write_json(report_path, report, sort_keys=True)
     if not records:
-        reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in report["skipped"][:5])
+        reasons = "; ".join(f"{s['dataset']}/{s['scene']}: {s['reason']}"
+                            for s in report["skipped"][:5])
         raise ValueError(f"data.sources: no usable scene ({len(report['skipped'])} skipped: "
                          f"{reasons})")
     write_manifest(records, out_csv)

@@ -63,6 +63,22 @@ def read_depth(path: str | Path, scale: float = DEPTH_PNG_SCALE) -> np.ndarray:
     return depth
 
 
+def read_depth_png(path: str | Path, scale: float, where: str = "") -> np.ndarray:
+    """A single-channel 16-bit depth PNG as float32 ``value * scale`` (0 = invalid);
+    ``ValueError`` naming the file (and ``where``, e.g. the scene) otherwise."""
+    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if raw is None or raw.ndim != 2 or raw.dtype != np.uint16:
+        raise ValueError(f"{path}: not a single-channel 16-bit depth PNG"
+                         + (f" ({where})" if where else ""))
+    return raw.astype(np.float32) * np.float32(scale)
+
+
+def valid_depth(depth: np.ndarray) -> np.ndarray:
+    """``depth`` as float32 with non-finite and non-positive values set to 0 (invalid)."""
+    depth = np.asarray(depth, np.float32)
+    return np.where(np.isfinite(depth) & (depth > 0), depth, np.float32(0)).astype(np.float32)
+
+
 def write_depth_png(path: str | Path, depth: np.ndarray, scale: float = DEPTH_PNG_SCALE) -> None:
     """Write metric depth as a 16-bit PNG (0 = invalid; values beyond 6.5 m at 0.1 mm -> 0)."""
     path = Path(path)

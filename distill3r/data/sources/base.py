@@ -16,7 +16,9 @@ dataset is one class in its own module of this package::
 
 A ``ValueError`` from :meth:`read_scene` (or from the checks below) skips that scene only: the
 message must name the file and the scene; :meth:`Source.scenes` returns it in ``skipped``
-and the manifest builder lists it in the manifest report. A missing root raises.
+and the manifest builder lists it in the manifest report. A missing root raises. Readers turn
+every error of their parsers (zlib, struct, h5py...) into such a ``ValueError``; a
+:class:`SkipFrame` from :meth:`Source.read_depth` drops one frame instead.
 
 Depth: when a dataset stores depth in another encoding than the project's (16-bit PNG at
 0.1 mm or ``.npy`` metres, ``distill3r.data.io.read_depth``), the source sets
@@ -181,6 +183,21 @@ def check_scene(scene: Scene) -> None:
                 raise ValueError(f"{f.image}: c2w must be a finite 4x4 with last row 0 0 0 1 "
                                  f"(scene {scene.name})")
             f.c2w = T
+
+
+class SkipFrame(Exception):
+    """Raised by :meth:`Source.read_depth` for one frame that cannot be used (e.g. a mask stored
+    where depth should be): the builder drops that frame with a warning and keeps the scene."""
+
+
+def check_rotation(R: np.ndarray, where: str, atol: float = 1e-3) -> np.ndarray:
+    """``R`` as a float64 3x3 rotation (orthonormal within ``atol``, det > 0); ``ValueError``
+    starting with ``where`` (the file and scene) otherwise."""
+    R = np.asarray(R, np.float64)
+    if (R.shape != (3, 3) or not np.all(np.isfinite(R))
+            or not np.allclose(R @ R.T, np.eye(3), atol=atol) or np.linalg.det(R) <= 0):
+        raise ValueError(f"{where}: not a rotation matrix: {R.tolist()}")
+    return R
 
 
 SOURCES: dict[str, type[Source]] = {}
