@@ -20,8 +20,10 @@ def read_json(path: str | Path, what: str = "JSON file", hint: str = "") -> dict
         raise ValueError(f"{path}: {what} not found" + (f" ({hint})" if hint else ""))
     try:
         value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc!r}") from exc
+    except OSError as exc:
+        raise ValueError(f"{path}: {what} unreadable: {exc}") from exc
     if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value

@@ -126,6 +126,16 @@ def check_images(records: list[FrameRecord], truth: list[TruthFrame], lossy: boo
         assert diff < (20.0 if lossy else 1e-9), (r.image, diff)  # 4:2:0 JPEG of tiny views
 
 
+def skipped_reasons(report: dict, expected: dict) -> dict[str, str]:
+    """``{scene: reason}`` of ``report["skipped"]``; asserts the skipped scenes are exactly
+    ``expected``'s keys and each reason names its file (``expected[scene]``) and the scene."""
+    reasons = {s["scene"]: s["reason"] for s in report["skipped"]}
+    assert set(reasons) == set(expected), (sorted(reasons), sorted(expected))
+    for name, path in expected.items():
+        assert str(path) in reasons[name] and f"scene {name}" in reasons[name], reasons[name]
+    return reasons
+
+
 def perturbed(truth: list[TruthScene], fn: Callable[[TruthFrame], TruthFrame]) -> list[TruthScene]:
     """A copy of ``truth`` with every frame passed through ``fn`` (to write wrong fixtures)."""
     return [TruthScene(s.name, [fn(f) for f in s.frames]) for s in truth]

@@ -1,5 +1,6 @@
 """Image/depth IO and the resize rule (cover + centre crop, never stretch)."""
 
+import cv2
 import numpy as np
 import pytest
 
@@ -69,3 +70,31 @@ def test_resized_depth_stays_on_the_surface(factor):
     assert ok.mean() > 0.8
     residual = np.abs(pts[ok] @ n - d0) / d0
     assert np.median(residual) < 1e-5 and residual.max() < 1e-3
+
+
+def _png_claiming(path, width: int, height: int, dtype=np.uint8) -> None:
+    """A PNG whose header claims ``width x height`` (OpenCV refuses > 2^30 pixels)."""
+    import struct
+    import zlib
+
+    ok, buf = cv2.imencode(".png", np.zeros((2, 2), dtype))
+    data = bytearray(buf.tobytes())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4:ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr:ihdr + 17])) & 0xFFFFFFFF
+    data[ihdr + 17:ihdr + 21] = struct.pack(">I", crc)
+    path.write_bytes(bytes(data))
+
+
+def test_opencv_refusals_become_errors_naming_the_file(tmp_path):
+    huge = tmp_path / "huge.png"
+    _png_claiming(huge, 100_000, 100_000)
+    with pytest.raises(cv2.error):  # the case really reaches OpenCV's own error
+        cv2.imread(str(huge), cv2.IMREAD_UNCHANGED)
+    with pytest.raises(ValueError, match="huge.png: not a readable image"):
+        io.read_image(huge)
+    with pytest.raises(ValueError, match="huge.png: not a single-channel depth image"):
+        io.read_depth(huge)
+    with pytest.raises(ValueError, match=r"huge.png: not a single-channel 16-bit depth PNG "
+                                         r"\(scene s\)"):
+        io.read_depth_png(huge, 1e-3, "scene s")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -50,3 +52,16 @@ def test_malformed_files_name_the_file(tmp_path, content, message):
     assert str(path) in str(info.value)
     with pytest.raises(ValueError, match="not found"):
         read_pfm(tmp_path / "missing.pfm")
+
+
+def test_read_errors_become_value_errors_naming_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "io_error.pfm"
+    write_pfm(path, np.ones((2, 3), np.float32))
+
+    def fail(self):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(Path, "read_bytes", fail)
+    with pytest.raises(ValueError, match="unreadable PFM file") as info:
+        read_pfm(path)
+    assert str(path) in str(info.value)

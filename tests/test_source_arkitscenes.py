@@ -112,20 +112,32 @@ def test_arkitscenes_frames_without_pose_or_intrinsics_are_dropped(truth, tmp_pa
     assert any("no pose within" in w and ids[0] in w for w in report["warnings"])
 
 
-@pytest.mark.parametrize("problem", ["traj", "depth_size", "pincam"])
+@pytest.mark.parametrize("problem", ["traj", "traj_bytes", "depth_size", "pincam",
+                                     "pincam_width", "pincam_size"])
 def test_arkitscenes_bad_scene_is_skipped(truth, tmp_path, problem):
     root = tmp_path / "arkit"
     ids = write_arkit(root, truth)
     data = root / "Validation" / ids[1] / f"{ids[1]}_frames"
+    pincam = data / "lowres_wide_intrinsics" / f"{ids[1]}_{stamp(2):.3f}.pincam"
     if problem == "traj":
         (data / "lowres_wide.traj").unlink()
         expect = "lowres_wide.traj"
+    elif problem == "traj_bytes":
+        traj = data / "lowres_wide.traj"
+        traj.write_bytes(traj.read_bytes() + b"\xff\xfe\n")  # not UTF-8
+        expect = f"{traj}: unreadable trajectory file"
+    elif problem == "pincam_width":
+        pincam.write_text("64.5 48 " + pincam.read_text().split(" ", 2)[2])
+        expect = f"{pincam}: expected one line"
+    elif problem == "pincam_size":
+        pincam.write_text("66 48 " + pincam.read_text().split(" ", 2)[2])
+        expect = f"{ids[1]}_{stamp(2):.3f}.png: image is 64x48 but the dataset's camera is 66x48"
     elif problem == "depth_size":
         cv2.imwrite(str(data / "lowres_depth" / f"{ids[1]}_{stamp(2):.3f}.png"),
                     np.ones((10, 12), np.uint16))
         expect = f"{ids[1]}_{stamp(2):.3f}.png"
     else:
-        (data / "lowres_wide_intrinsics" / f"{ids[1]}_{stamp(2):.3f}.pincam").write_text("1 2\n")
+        pincam.write_text("1 2\n")
         expect = ".pincam"
     csv, report = build(tmp_path, "arkitscenes", root)
     (skipped,) = report["skipped"]
@@ -147,3 +159,17 @@ def test_axis_angle_matches_scipy():
     for v in [np.zeros(3), *rng.normal(size=(5, 3))]:
         np.testing.assert_allclose(axis_angle_to_matrix(v),
                                    Rotation.from_rotvec(v).as_matrix(), atol=1e-12)
+
+
+def test_arkitscenes_loose_files_are_warned_and_hidden_entries_ignored(truth, tmp_path):
+    root = tmp_path / "arkit"
+    ids = write_arkit(root, truth[:1])
+    loose = [root / "metadata.csv", root / "Training" / "video_ids.txt"]
+    for path in loose:
+        path.write_text("video_id\n")
+    (root / ".cache" / "1234").mkdir(parents=True)
+    (root / "Training" / ".DS_Store").write_text("")
+    csv, report = build(tmp_path, "arkitscenes", root)
+    assert report["scenes"] == 1 and len(scene_records(csv, ids[0])) == len(truth[0].frames)
+    assert sorted(report["warnings"]) == sorted(f"{p}: not a scene folder, skipped"
+                                                for p in loose)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dataset_fixtures import (TOLERANCE, TruthScene, build, check_images, geometry_error,
-                              render_truth, scene_records)
+                              render_truth, scene_records, skipped_reasons)
 
 from distill3r.data.io import write_image
 from distill3r.data.ordering import chain_order, pose_distance
@@ -186,9 +186,16 @@ def test_bad_scenes_are_skipped_and_named(truth, tmp_path):
               for name, ids, how in zip(names[1:], all_ids[1:], BROKEN)}
     csv, report = build(tmp_path, "blendedmvs", tmp_path / "raw")
     assert report["scenes"] == 1 and len(scene_records(csv, NAMES[0])) == 5
-    reasons = {s["scene"]: s["reason"] for s in report["skipped"]}
-    assert set(reasons) == set(broken)
-    for name, path in broken.items():
-        assert str(path) in reasons[name] and f"scene {name}" in reasons[name], reasons[name]
+    reasons = skipped_reasons(report, broken)
     assert "camera file not found" in reasons["broken_0"]
     assert "depth is 32x24" in reasons["broken_4"]
+
+
+def test_files_that_are_not_numbered_views_are_skipped_with_a_warning(truth, tmp_path):
+    write_blendedmvs(tmp_path / "raw", truth[:1])
+    stray = tmp_path / "raw" / NAMES[0] / "blended_images" / "00000004\u00b2.jpg"  # "4" + "²"
+    write_image(stray, truth[0].frames[0].image)
+    csv, report = build(tmp_path, "blendedmvs", tmp_path / "raw")
+    assert not report["skipped"] and len(scene_records(csv, NAMES[0])) == 5
+    (warning,) = report["warnings"]
+    assert str(stray) in warning and "not a numbered view image" in warning

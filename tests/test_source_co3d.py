@@ -8,6 +8,8 @@ import gzip
 import json
 import random
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import cv2
@@ -121,6 +123,24 @@ def write_category(root: Path, category: str, seqs: dict[str, TruthScene],
     return entries
 
 
+def corrupt_deflate(path: Path) -> None:
+    """Flip the first deflate block's type bits of a gzip file to the reserved value 3."""
+    data = bytearray(path.read_bytes())
+    start = data.index(0, 10) + 1 if data[3] & 0x08 else 10  # FNAME: NUL-terminated name
+    data[start] |= 0x06
+    path.write_bytes(bytes(data))
+
+
+def png_claiming_size(path: Path, width: int, height: int) -> None:
+    """A 1x1 grey PNG whose header (with a valid CRC) claims ``width`` x ``height``."""
+    ok, encoded = cv2.imencode(".png", np.zeros((1, 1), np.uint8))
+    assert ok
+    data = bytearray(encoded.tobytes())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR data starts after length and type
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
 def stored_depth(record) -> np.ndarray:
     return np.load(record.depth, allow_pickle=False)
 
@@ -184,19 +204,33 @@ def test_bad_input_skips_only_that_scene(truth, tmp_path):
     good, malformed, no_image, small_depth, fisheye = (
         "106_12648_23157", "110_13051_23361", "117_13765_29509", "150_16615_34189",
         "167_18184_34441")
+    huge_focal, huge_scale, small_image, huge_mask = (
+        "185_19982_37678", "194_20878_39742", "216_22790_47496", "247_26469_51778")
     entries = write_category(root, "hydrant", {good: truth[0], malformed: truth[1],
                                                no_image: truth[0], small_depth: truth[1],
-                                               fisheye: truth[0]})
+                                               fisheye: truth[0], huge_focal: truth[1],
+                                               huge_scale: truth[0], small_image: truth[1],
+                                               huge_mask: truth[0]})
     for e in entries:
         if e["sequence_name"] == malformed and e["frame_number"] == 2:
             e["viewpoint"]["R"] = [[1.0, 0.0], [0.0, 1.0]]
         if e["sequence_name"] == fisheye:
             e["viewpoint"]["intrinsics_format"] = "fisheye"
+        if e["sequence_name"] == huge_focal and e["frame_number"] == 1:
+            e["viewpoint"]["focal_length"][0] = 10 ** 400  # a JSON integer beyond float64
+        if e["sequence_name"] == huge_scale and e["frame_number"] == 3:
+            e["depth"]["scale_adjustment"] = 10 ** 400
     write_jgz(root / "hydrant" / "frame_annotations.jgz", entries)
     missing = root / "hydrant" / no_image / "images" / "frame000003.jpg"
     missing.unlink()
     wrong = root / "hydrant" / small_depth / "depths" / "frame000002.jpg.geometric.png"
     write_depth(wrong, truth[1].frames[1].depth[::2, ::2])
+    resized = root / "hydrant" / small_image / "images" / "frame000002.jpg"
+    write_jpeg(resized, truth[1].frames[1].image[::2, ::2])
+    mask = root / "hydrant" / huge_mask / "depth_masks" / "frame000001.png"
+    png_claiming_size(mask, 40000, 40000)
+    with pytest.raises(cv2.error):  # what OpenCV does with it (rather than returning None)
+        cv2.imread(str(mask), cv2.IMREAD_GRAYSCALE)
     write_category(root, "teddybear", {"34_1479_4753": truth[1]}, annotations=False)
 
     csv, report = build(tmp_path, "co3d", root)
@@ -208,6 +242,10 @@ def test_bad_input_skips_only_that_scene(truth, tmp_path):
               f"hydrant_{no_image}": [str(missing), "image file not found"],
               f"hydrant_{small_depth}": [str(wrong), "32x24"],
               f"hydrant_{fisheye}": [str(annots), "unsupported intrinsics_format 'fisheye'"],
+              f"hydrant_{huge_focal}": [str(annots), "malformed", "focal_length"],
+              f"hydrant_{huge_scale}": [str(annots), "malformed", "depth.scale_adjustment"],
+              f"hydrant_{small_image}": [str(resized), "image is 32x24", "camera is 64x48"],
+              f"hydrant_{huge_mask}": [str(mask), "not a depth mask"],
               "teddybear_34_1479_4753": [str(root / "teddybear" / "frame_annotations.jgz"),
                                          "not found"]}
     assert set(reasons) == set(expect)
@@ -245,3 +283,27 @@ def test_corrupt_annotation_file_skips_its_sequences(truth, tmp_path):
     assert str(bad) in reasons[f"hydrant_{SEQS[0]}"]
     assert "gzip" in reasons[f"hydrant_{SEQS[0]}"]
     assert f"no frame annotations for sequence '{SEQS[1]}'" in reasons[f"teddybear_{SEQS[1]}"]
+
+
+@pytest.mark.parametrize("damage, error", [("deflate", zlib.error), ("truncated", EOFError),
+                                           ("nested", RecursionError)])
+def test_unreadable_annotation_data_skips_the_category(truth, tmp_path, damage, error):
+    root = tmp_path / "co3d"
+    write_category(root, "hydrant", {SEQS[0]: truth[0]})
+    write_category(root, "teddybear", {SEQS[1]: truth[1]})
+    bad = root / "hydrant" / "frame_annotations.jgz"
+    if damage == "deflate":
+        corrupt_deflate(bad)
+    elif damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:-40])
+    else:
+        bad.write_bytes(gzip.compress(b"[" * 200_000 + b"]" * 200_000))
+    with pytest.raises(error):  # what the gzip and json modules raise on these files
+        with gzip.open(bad, "rt", encoding="utf-8") as f:
+            json.load(f)
+    csv, report = build(tmp_path, "co3d", root)
+    assert report["scenes"] == 1 and scene_records(csv, f"teddybear_{SEQS[1]}")
+    (skipped,) = report["skipped"]
+    assert skipped["scene"] == f"hydrant_{SEQS[0]}"
+    assert str(bad) in skipped["reason"] and "not a readable gzip JSON file" in skipped["reason"]
+    assert f"scene hydrant_{SEQS[0]}" in skipped["reason"]

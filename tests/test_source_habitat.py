@@ -5,13 +5,16 @@ camera-to-world parameters (JSON or NPZ) whose intrinsics put pixel corners at i
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import OpenEXR
 import pytest
 from dataset_fixtures import (GL_TO_CV, TOLERANCE, TruthScene, build, check_images,
-                              geometry_error, render_truth, scene_records)
+                              geometry_error, render_truth, scene_records,
+                              skipped_reasons)
 
 from distill3r.data.io import write_image
 from distill3r.data.sources.habitat import read_exr_depth
@@ -111,8 +114,44 @@ def test_exr_channel_choice(tmp_path):
         read_exr_depth(path)
 
 
+def write_corrupt_npz(path: Path) -> None:
+    """A compressed camera .npz whose first member's deflate block type is the reserved 3."""
+    np.savez_compressed(path, camera_intrinsics=np.eye(3), R_cam2world=np.eye(3),
+                        t_cam2world=np.zeros(3))
+    data = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", data[26:30])  # zip local file header
+    data[30 + name_len + extra_len] |= 0x06
+    path.write_bytes(bytes(data))
+    # what numpy's zip reading raises on it
+    with pytest.raises(zlib.error), np.load(path, allow_pickle=False) as npz:
+        npz["camera_intrinsics"]
+
+
+def _replace_camera(folder: Path, label: str, how: str) -> Path:
+    """Replace a view's camera file by a malformed .npz or .json file."""
+    (camera,) = folder.glob(f"{label}_camera_params.*")
+    camera.unlink()
+    path = folder / f"{label}_camera_params.{'json' if 'json' in how else 'npz'}"
+    if how == "corrupt npz":
+        write_corrupt_npz(path)
+    elif how == "empty npz":
+        path.write_bytes(b"")
+    elif how == "npy as npz":
+        with open(path, "wb") as f:
+            np.save(f, np.eye(3))
+    elif how == "nested json":
+        path.write_text("[" * 200_000 + "]" * 200_000)
+    else:  # "huge json": an integer beyond the float64 range
+        path.write_text(json.dumps({"camera_intrinsics": [[10 ** 400, 0, 1], [0, 1, 1],
+                                                          [0, 0, 1]],
+                                    "R_cam2world": np.eye(3).tolist(), "t_cam2world": [0, 0, 0]}))
+    return path
+
+
 def _break(folder: Path, how: str) -> Path:
     label = sorted(LABELS)[1]
+    if how in MALFORMED_CAMERAS:
+        return _replace_camera(folder, label, how)
     (camera,) = folder.glob(f"{label}_camera_params.*")  # .json or .npz
     if how == "no camera":
         camera.unlink()
@@ -132,7 +171,8 @@ def _break(folder: Path, how: str) -> Path:
     raise AssertionError(how)
 
 
-BROKEN = ["no camera", "bad camera", "no depth", "small exr", "bad exr"]
+MALFORMED_CAMERAS = ["corrupt npz", "empty npz", "npy as npz", "nested json", "huge json"]
+BROKEN = ["no camera", "bad camera", "no depth", "small exr", "bad exr", *MALFORMED_CAMERAS]
 
 
 def test_bad_scenes_are_skipped_and_named(truth, tmp_path):
@@ -142,14 +182,14 @@ def test_bad_scenes_are_skipped_and_named(truth, tmp_path):
               for i, how in enumerate(BROKEN)}
     csv, report = build(tmp_path, "habitat", tmp_path / "raw")
     assert report["scenes"] == 1 and len(scene_records(csv, NAMES[0])) == 5
-    reasons = {s["scene"]: s["reason"] for s in report["skipped"]}
-    assert set(reasons) == set(broken)
-    for name, path in broken.items():
-        assert str(path) in reasons[name] and f"scene {name}" in reasons[name], reasons[name]
+    reasons = skipped_reasons(report, broken)
     assert "camera parameters not found" in reasons["broken_s0"]
     assert "unreadable camera parameters" in reasons["broken_s1"]  # an NPZ file
     assert "depth is 32x24" in reasons["broken_s3"]
     assert "unreadable EXR" in reasons["broken_s4"]
+    for i in range(5, 9):
+        assert "unreadable camera parameters" in reasons[f"broken_s{i}"], reasons[f"broken_s{i}"]
+    assert "camera_intrinsics must be (3, 3) numbers" in reasons["broken_s9"]
 
 
 def test_incomplete_views_can_be_dropped(truth, tmp_path):

@@ -161,7 +161,8 @@ def test_scannetpp_opencv_pose_is_caught(truth, tmp_path):
     assert geometry_error(records, truth[0].frames) > 10 * TOLERANCE
 
 
-@pytest.mark.parametrize("problem", ["fisheye", "missing", "depth_size", "fisheye_depth_size"])
+@pytest.mark.parametrize("problem", ["fisheye", "missing", "depth_size", "fisheye_depth_size",
+                                     "image_size", "nested_json", "huge_focal", "huge_matrix"])
 def test_scannetpp_bad_scene_is_skipped(truth, tmp_path, problem):
     root = tmp_path / "scannetpp"
     names = write_scannetpp(root, truth, depth="fisheye" if problem != "depth_size"
@@ -172,13 +173,28 @@ def test_scannetpp_bad_scene_is_skipped(truth, tmp_path, problem):
     expect = {"fisheye": ("transforms_undistorted.json", "dslr.undistort"),
               "missing": ("transforms_undistorted.json", "not found"),
               "depth_size": (".png", "depth is"),
-              "fisheye_depth_size": (".png", "fisheye depth is")}[problem]
+              "fisheye_depth_size": (".png", "fisheye depth is"),
+              "image_size": (names[bad][1], "image is 32x24", "camera is 64x48"),
+              "nested_json": ("transforms_undistorted.json", "recursion depth"),
+              "huge_focal": ("transforms_undistorted.json", "'fl_x'"),
+              "huge_matrix": ("transforms_undistorted.json", "transform_matrix")}[problem]
+    meta = json.loads(transforms.read_text())
     if problem == "fisheye":
-        meta = json.loads(transforms.read_text())
         meta.update(camera_model="OPENCV_FISHEYE", k1=0.1)
         transforms.write_text(json.dumps(meta))
     elif problem == "missing":
         transforms.unlink()
+    elif problem == "image_size":
+        image = root / "data" / bad / "dslr" / "resized_undistorted_images" / names[bad][1]
+        _write_jpg(image, truth[1].frames[1].image[::2, ::2])
+    elif problem == "nested_json":
+        transforms.write_text("[" * 200_000 + "]" * 200_000)
+    elif problem == "huge_focal":
+        meta["fl_x"] = 10 ** 400  # a JSON integer beyond the float64 range
+        transforms.write_text(json.dumps(meta))
+    elif problem == "huge_matrix":
+        meta["frames"][0]["transform_matrix"][0][0] = 10 ** 400
+        transforms.write_text(json.dumps(meta))
     else:
         depth = root / "data" / bad / "dslr" / "render_depth" / names[bad][1].replace("JPG", "png")
         _write_mm(depth, np.ones((10, 12), np.float32))

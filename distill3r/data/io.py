@@ -21,7 +21,10 @@ def read_image(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise ValueError(f"{path}: image file not found")
     data = np.fromfile(str(path), dtype=np.uint8)
-    img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    try:
+        img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    except cv2.error:  # e.g. a header claiming more pixels than OpenCV allows
+        img = None
     if img is None:
         raise ValueError(f"{path}: not a readable image (corrupt or unsupported format)")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
@@ -36,6 +39,14 @@ def write_image(path: str | Path, image: np.ndarray) -> None:
 
 
 DEPTH_PNG_SCALE = 1e-4  # metres per unit of a 16-bit depth PNG (0.1 mm)
+
+
+def _imread_unchanged(path: str | Path) -> np.ndarray | None:
+    """``cv2.imread`` as stored (e.g. uint16), None if unreadable (OpenCV's own errors too)."""
+    try:
+        return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    except cv2.error:
+        return None
 
 
 def read_depth(path: str | Path, scale: float = DEPTH_PNG_SCALE) -> np.ndarray:
@@ -53,7 +64,7 @@ def read_depth(path: str | Path, scale: float = DEPTH_PNG_SCALE) -> np.ndarray:
             raise ValueError(f"{path}: not a readable depth array: {exc}") from exc
         depth[~np.isfinite(depth)] = 0
     else:
-        raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        raw = _imread_unchanged(path)
         if raw is None or raw.ndim != 2:
             raise ValueError(f"{path}: not a single-channel depth image")
         depth = raw.astype(np.float32) * np.float32(scale)
@@ -66,7 +77,7 @@ def read_depth(path: str | Path, scale: float = DEPTH_PNG_SCALE) -> np.ndarray:
 def read_depth_png(path: str | Path, scale: float, where: str = "") -> np.ndarray:
     """A single-channel 16-bit depth PNG as float32 ``value * scale`` (0 = invalid);
     ``ValueError`` naming the file (and ``where``, e.g. the scene) otherwise."""
-    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    raw = _imread_unchanged(path)
     if raw is None or raw.ndim != 2 or raw.dtype != np.uint16:
         raise ValueError(f"{path}: not a single-channel 16-bit depth PNG"
                          + (f" ({where})" if where else ""))

@@ -35,13 +35,16 @@ def _header_tokens(data: bytes, count: int) -> tuple[list[bytes], int]:
 def read_pfm(path: str | Path) -> np.ndarray:
     """Read a PFM file: ``[H,W]`` (``Pf``) or ``[H,W,3]`` (``PF``) float32, top row first.
 
-    ``ValueError`` naming the file if it is missing, its header is malformed or its size does
-    not match the header.
+    ``ValueError`` naming the file if it is missing or unreadable, its header is malformed or
+    its size does not match the header.
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: PFM file not found")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:  # unreadable (permissions, I/O error, removed meanwhile)
+        raise ValueError(f"{path}: unreadable PFM file: {exc}") from exc
     tokens, pos = _header_tokens(data, 4)
     if len(tokens) < 4 or tokens[0] not in _CHANNELS:
         raise ValueError(f"{path}: not a PFM file (header must start with 'Pf' or 'PF')")

@@ -14,9 +14,11 @@ streams, meshes and annotations are not. The dataset's own split folders are not
 project assigns train/val by its stable scene hash). Scene name = ``<video_id>`` (folder name).
 
 Intrinsics: ``.pincam`` is one line ``width height fx fy cx cy`` in pixels; the principal point
-is used as is (pixel centres at integers, as ARKitScenes' own back-projection does). A frame
-without a ``.pincam`` of the same name takes the one whose time stamp is within 1.5 ms (the
-names are rounded to 1 ms); frames with none are dropped with a warning.
+is used as is (pixel centres at integers, as ARKitScenes' own back-projection does).
+``width height`` is the frame's ``Frame.size``: an image of another size makes the manifest
+builder skip the scene (``K`` would not fit it). A frame without a ``.pincam`` of the same
+name takes the one whose time stamp is within 1.5 ms (the names are rounded to 1 ms); frames
+with none are dropped with a warning.
 
 Poses: ``lowres_wide.traj`` has one line per pose, ``timestamp rx ry rz tx ty tz``, where
 ``(rx, ry, rz)`` is an axis-angle rotation (radians) and ``(R, t)`` maps world to camera; the
@@ -31,6 +33,13 @@ no depth.
 Frame order: time stamp; ``frame_step`` keeps every k-th frame of that order (the stream is
 10-60 Hz and neighbouring frames are nearly identical).
 
+Scenes: every video folder directly under the root or under one of its sub-folders (split
+folders); hidden entries are ignored, loose files and folders holding no video are warned
+about. Skipped scenes (the reason names the file): a missing, unreadable or malformed
+``lowres_wide.traj``, no ``lowres_wide`` or ``lowres_wide_intrinsics`` folder, a file name
+without a time stamp there, a malformed ``.pincam``, an image of another size than its
+``.pincam``, a depth map that is not a single-channel 16-bit PNG of the image's size.
+
 Options: ``max_time_diff`` (seconds, default 0.05), ``frame_step`` (default 1).
 """
 
@@ -39,15 +48,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
+from distill3r.data.io import read_depth_png
 from distill3r.data.sources.base import (Frame, Scene, SceneRef, Source, intrinsics,
-                                         register_source, rigid)
+                                         register_source, rigid, subfolders)
 from distill3r.geometry import invert_pose
 
 PINCAM_TOLERANCE = 0.0015  # seconds: intrinsics file names are rounded to 1 ms
-MM = 1e-3  # metres per unit of a depth PNG
 
 
 @dataclass
@@ -73,20 +81,17 @@ class ArkitScenesSource(Source):
 
     def find_scenes(self) -> list[SceneRef]:
         refs = []
-        for path in self._folders(self.root):
+        for path in subfolders(self):
             if _is_video(path):
                 refs.append(SceneRef(path.name, path))
                 continue
-            videos = [p for p in self._folders(path) if _is_video(p)]
+            videos = [p for p in subfolders(self, path) if _is_video(p)]
             if not videos:
                 self.warn(f"{path}: neither an ARKitScenes video folder nor a split folder of "
                           "them, skipped")
             for video in videos:
                 refs.append(SceneRef(video.name, video))
         return refs
-
-    def _folders(self, parent: Path) -> list[Path]:
-        return [p for p in sorted(parent.iterdir()) if p.is_dir() and not p.name.startswith(".")]
 
     def read_scene(self, ref: SceneRef) -> Scene:
         data = ref.path / f"{ref.name}_frames"
@@ -111,9 +116,10 @@ class ArkitScenesSource(Source):
                 no_pose.append(image.name)
                 continue
             depth = data / "lowres_depth" / image.name
+            K, size = _read_pincam(pincam, ref.name)
             frames.append(Frame(frame=len(frames), image=image,
-                                depth=depth if depth.is_file() else None,
-                                K=_read_pincam(pincam, ref.name), c2w=invert_pose(w2c[pose]),
+                                depth=depth if depth.is_file() else None, K=K,
+                                c2w=invert_pose(w2c[pose]), size=size,
                                 extra={"scene": ref.name}))
         if no_pincam:
             self.warn(f"{data / 'lowres_wide_intrinsics'}: no .pincam for {len(no_pincam)} "
@@ -127,11 +133,8 @@ class ArkitScenesSource(Source):
         return Scene(ref.name, ref.path, frames)
 
     def read_depth(self, frame: Frame) -> np.ndarray:
-        raw = cv2.imread(str(frame.depth), cv2.IMREAD_UNCHANGED)
-        if raw is None or raw.ndim != 2 or raw.dtype != np.uint16:
-            raise ValueError(f"{frame.depth}: not a single-channel 16-bit depth PNG "
-                             f"(scene {frame.extra.get('scene', '?')})")
-        return raw.astype(np.float32) * np.float32(MM)
+        scene = frame.extra.get("scene", "?")
+        return read_depth_png(frame.depth, 1e-3, f"scene {scene}")  # uint16 millimetres
 
 
 def _is_video(path: Path) -> bool:
@@ -168,8 +171,12 @@ def _read_traj(path: Path, scene: str) -> tuple[np.ndarray, np.ndarray]:
     """Sorted time stamps ``[N]`` and world-to-camera poses ``[N,4,4]`` of a ``.traj`` file."""
     if not path.is_file():
         raise ValueError(f"{path}: trajectory file not found (scene {scene})")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable trajectory file: {exc} (scene {scene})") from exc
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -198,13 +205,15 @@ def axis_angle_to_matrix(v: np.ndarray) -> np.ndarray:
     return np.eye(3) + np.sin(angle) * k + (1.0 - np.cos(angle)) * (k @ k)
 
 
-def _read_pincam(path: Path, scene: str) -> np.ndarray:
+def _read_pincam(path: Path, scene: str) -> tuple[np.ndarray, tuple[int, int]]:
+    """``(K [3,3], (H, W))`` of a ``.pincam`` file ``width height fx fy cx cy``."""
     try:
         values = [float(v) for v in path.read_text().split()]
     except (OSError, UnicodeDecodeError, ValueError):
         values = []
-    if len(values) != 6:
-        raise ValueError(f"{path}: expected one line 'width height fx fy cx cy' "
-                         f"(scene {scene})")
-    _, _, fx, fy, cx, cy = values
-    return intrinsics(fx, fy, cx, cy)
+    if (len(values) != 6 or not all(np.isfinite(values))
+            or not all(v >= 1 and v == int(v) for v in values[:2])):
+        raise ValueError(f"{path}: expected one line 'width height fx fy cx cy' with a "
+                         f"positive integer width and height (scene {scene})")
+    width, height, fx, fy, cx, cy = values
+    return intrinsics(fx, fy, cx, cy), (int(height), int(width))

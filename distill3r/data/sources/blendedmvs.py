@@ -17,8 +17,10 @@ Layout (the three sets unpacked into one root; list files at the root are ignore
             ├── 00000000.pfm                 float32 depth rendered from the mesh
             └── ...
 
-Views are the numbered images of ``blended_images`` (``<id>.jpg``; ``<id>_masked.jpg`` too).
-Each needs ``cams/<id>_cam.txt``::
+Views are the numbered images of ``blended_images`` (``<id>.jpg``, ``<id>`` ASCII digits;
+``<id>_masked.jpg`` too); other files there are skipped with a warning. Scenes are the
+non-hidden folders of the root; loose files other than ``*.txt`` are warned about. Each view
+needs ``cams/<id>_cam.txt``::
 
     extrinsic
     r11 r12 r13 t1        4x4 world-to-camera, OpenCV camera axes (x right, y down, z forward)
@@ -62,9 +64,11 @@ from pathlib import Path
 
 import numpy as np
 
+from distill3r.data.io import valid_depth
 from distill3r.data.ordering import chain_order, pose_distance
 from distill3r.data.pfm import read_pfm
-from distill3r.data.sources.base import Frame, Scene, SceneRef, Source, register_source
+from distill3r.data.sources.base import (Frame, Scene, SceneRef, Source, check_rotation,
+                                         register_source)
 from distill3r.geometry import invert_pose
 
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -97,10 +101,9 @@ def read_cam(path: Path, scene: str) -> tuple[np.ndarray, np.ndarray]:
                          f"'intrinsic', 9 numbers) (scene {scene})")
     w2c = _floats(tokens[1:17], path, scene).reshape(4, 4)
     K = _floats(tokens[18:27], path, scene).reshape(3, 3)
-    R = w2c[:3, :3]
-    if (not np.all(np.isfinite(w2c)) or not np.allclose(w2c[3], [0, 0, 0, 1], atol=1e-6)
-            or not np.allclose(R @ R.T, np.eye(3), atol=1e-3) or np.linalg.det(R) <= 0):
+    if not np.all(np.isfinite(w2c)) or not np.allclose(w2c[3], [0, 0, 0, 1], atol=1e-6):
         raise ValueError(f"{path}: extrinsic is not a rigid 4x4 transform (scene {scene})")
+    check_rotation(w2c[:3, :3], f"{path}: extrinsic of scene {scene}", atol=1e-3)
     if not np.allclose(K[2], [0, 0, 1], atol=1e-6):
         raise ValueError(f"{path}: intrinsic's last row must be 0 0 1 (scene {scene})")
     return w2c, K
@@ -148,6 +151,8 @@ class BlendedMVSSource(Source):
     Options = BlendedMVSOptions
 
     def find_scenes(self) -> list[SceneRef]:
+        # not base.subfolders: the dataset's own list files (*.txt) live at the root and are
+        # skipped without a warning on every build
         refs = []
         for path in sorted(self.root.iterdir()):
             if path.name.startswith("."):
@@ -166,7 +171,9 @@ class BlendedMVSSource(Source):
         views: dict[int, str] = {}
         for path in sorted(folder.iterdir()):
             stem = path.stem[:-len(_MASKED)] if path.stem.endswith(_MASKED) else path.stem
-            if path.suffix.lower() not in _IMAGE_SUFFIXES or not stem.isdigit():
+            # isascii: isdigit() also accepts digits int() cannot parse (e.g. superscripts)
+            if (path.suffix.lower() not in _IMAGE_SUFFIXES or not stem.isascii()
+                    or not stem.isdigit()):
                 self.warn(f"{path}: not a numbered view image, skipped (scene {ref.name})")
                 continue
             views.setdefault(int(stem), stem)
@@ -211,4 +218,4 @@ class BlendedMVSSource(Source):
         if depth.ndim != 2:
             raise ValueError(f"{frame.depth}: depth must be a single-channel 'Pf' map, got "
                              f"{depth.shape[2]} channels (scene {scene})")
-        return np.where(np.isfinite(depth) & (depth > 0), depth, 0).astype(np.float32)
+        return valid_depth(depth)

@@ -45,22 +45,26 @@ puts pixel centres at integers, so 0.5 is subtracted from ``c_px`` (a choice: py
 conversion keeps the half-pixel shift; it is 0.5 px either way). Other formats are unsupported
 (the scene is skipped).
 
+Image size: ``image.size`` is the frame's ``Frame.size``; the intrinsics are computed for it, so
+an image file of another size makes the manifest builder skip the scene.
+
 Frame order: ``frame_number`` (capture order in the video); ``Frame.frame`` is that number.
 
 Options: ``categories`` (category folder names to read; empty = all), ``use_depth_masks``
 (default true: multiply the depth masks in).
 
 Skipped scenes (named with the file in the report): a category without
-``frame_annotations.jgz`` (all its sequence folders), an unreadable annotation file, a
-malformed frame annotation or one without a camera (its sequence), a missing image, depth or
-depth-mask file, a depth map of the wrong size.
+``frame_annotations.jgz`` or with an unreadable one (not gzip, corrupt or truncated deflate
+data, not UTF-8 JSON: all its sequence folders), a malformed frame annotation or one without a
+camera (its sequence), a missing image, depth or depth-mask file, an image of another size
+than ``image.size``, a depth map or depth mask of the wrong size or unreadable.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-import math
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,8 +72,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from distill3r.data.sources.base import (Frame, Scene, SceneRef, Source, intrinsics,
-                                         register_source, rigid)
+from distill3r.data.io import read_depth_png, valid_depth
+from distill3r.data.sources.base import (Frame, Scene, SceneRef, Source, check_rotation,
+                                         intrinsics, register_source, rigid)
+from distill3r.geometry import invert_pose
 
 ANNOTATIONS = "frame_annotations.jgz"
 NOT_SEQUENCES = ("set_lists", "eval_batches")  # sub-folders of a category that are not scenes
@@ -97,9 +103,7 @@ def camera_from_viewpoint(R: Any, T: Any, focal: Any, principal: Any, fmt: str,
     image of ``size_hw = (H, W)``."""
     R = np.asarray(R, np.float64).reshape(3, 3)
     T = np.asarray(T, np.float64).reshape(3)
-    R_cv = (R * FLIP_XY[None, :]).T
-    t_cv = T * FLIP_XY
-    c2w = rigid(R_cv.T, -R_cv.T @ t_cv)
+    c2w = invert_pose(rigid((R * FLIP_XY[None, :]).T, T * FLIP_XY))
     h, w = size_hw
     half = np.array([w / 2.0, h / 2.0])
     if fmt == "ndc_isotropic":
@@ -127,8 +131,8 @@ def _get(d: Any, key: str, kind: type | tuple[type, ...], what: str) -> Any:
 def _numbers(value: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
     try:
         arr = np.asarray(value, np.float64)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{what} is not numeric") from exc
+    except (TypeError, ValueError, OverflowError) as exc:  # overflow: a JSON integer > 1e308
+        raise TypeError(f"{what} is not numeric (or beyond the float64 range)") from exc
     if arr.shape != shape or not np.all(np.isfinite(arr)):
         raise ValueError(f"{what} must be finite numbers of shape {list(shape)}")
     return arr
@@ -146,7 +150,9 @@ def _load_annotations(path: Path) -> dict[str, list[dict]]:
     try:
         with gzip.open(path, "rt", encoding="utf-8") as f:
             entries = json.load(f)
-    except (OSError, EOFError, ValueError) as exc:  # bad gzip, truncated, bad JSON/UTF-8
+    # bad gzip header or CRC, corrupt deflate data, truncated, bad UTF-8 or JSON, JSON nested
+    # deeper than the parser's recursion limit
+    except (OSError, EOFError, zlib.error, ValueError, RecursionError) as exc:
         raise ValueError(f"not a readable gzip JSON file: {exc}") from exc
     if not isinstance(entries, list):
         raise ValueError("expected a JSON list of frame annotations")
@@ -243,9 +249,8 @@ class CO3DSource(Source):
         h, w = int(size[0]), int(size[1])
         view = _get(entry, "viewpoint", dict, "frame")
         fmt = view.get("intrinsics_format", "ndc_norm_image_bounds")
-        R = _numbers(_get(view, "R", list, "viewpoint"), (3, 3), "viewpoint.R")
-        if not np.allclose(R @ R.T, np.eye(3), atol=1e-4) or np.linalg.det(R) < 0:
-            raise ValueError("viewpoint.R is not a rotation")
+        R = check_rotation(_numbers(_get(view, "R", list, "viewpoint"), (3, 3), "viewpoint.R"),
+                           "viewpoint.R", atol=1e-4)
         K, c2w = camera_from_viewpoint(
             R, _numbers(_get(view, "T", list, "viewpoint"), (3,), "viewpoint.T"),
             _numbers(_get(view, "focal_length", list, "viewpoint"), (2,), "focal_length"),
@@ -253,7 +258,7 @@ class CO3DSource(Source):
             fmt, (h, w))
         frame = Frame(frame=number, image=_rel_path(self.root, _get(image, "path", str, "image"),
                                                     "image.path"),
-                      K=K, c2w=c2w, size=(h, w), extra={"scene": scene, "size": (h, w)})
+                      K=K, c2w=c2w, size=(h, w), extra={"scene": scene})
         depth = entry.get("depth")
         if depth is not None:
             self._add_depth(frame, depth)
@@ -261,10 +266,11 @@ class CO3DSource(Source):
 
     def _add_depth(self, frame: Frame, depth: Any) -> None:
         frame.depth = _rel_path(self.root, _get(depth, "path", str, "depth"), "depth.path")
-        scale = float(_get(depth, "scale_adjustment", (int, float), "depth"))
-        if not math.isfinite(scale) or scale <= 0:
+        scale = _numbers(_get(depth, "scale_adjustment", (int, float), "depth"), (),
+                         "depth.scale_adjustment")
+        if scale <= 0:
             raise ValueError(f"depth.scale_adjustment {scale} is not a positive number")
-        frame.extra["scale"] = scale
+        frame.extra["scale"] = float(scale)
         mask = depth.get("mask_path")
         if self.options.use_depth_masks and mask is not None:
             if not isinstance(mask, str):
@@ -274,18 +280,20 @@ class CO3DSource(Source):
     def read_depth(self, frame: Frame) -> np.ndarray:
         scene = frame.extra["scene"]
         path = Path(frame.depth)
-        raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-        if raw is None or raw.ndim != 2 or raw.dtype != np.uint16:
-            raise ValueError(f"{path}: not a 16-bit single-channel depth PNG (scene {scene})")
-        if raw.shape != frame.extra["size"]:
-            h, w = frame.extra["size"]
-            raise ValueError(f"{path}: depth is {raw.shape[1]}x{raw.shape[0]} but the annotated "
-                             f"image size is {w}x{h} (scene {scene})")
-        depth = raw.view(np.float16).astype(np.float32) * np.float32(frame.extra["scale"])
-        depth[~np.isfinite(depth) | (depth < 0)] = 0
+        # uint16 values are exact in float32, so this gives back the stored float16 bit patterns
+        bits = read_depth_png(path, 1.0, f"scene {scene}").astype(np.uint16)
+        if bits.shape != frame.size:
+            h, w = frame.size
+            raise ValueError(f"{path}: depth is {bits.shape[1]}x{bits.shape[0]} but the "
+                             f"annotated image size is {w}x{h} (scene {scene})")
+        depth = valid_depth(bits.view(np.float16).astype(np.float32)
+                            * np.float32(frame.extra["scale"]))
         mask_path = frame.extra.get("depth_mask")
         if mask_path is not None:
-            mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+            try:
+                mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+            except cv2.error:  # e.g. a header claiming more pixels than OpenCV decodes
+                mask = None
             if mask is None or mask.shape != depth.shape:
                 raise ValueError(f"{mask_path}: not a depth mask of the depth's size "
                                  f"{depth.shape[1]}x{depth.shape[0]} (scene {scene})")

@@ -34,9 +34,11 @@ Frame order: by group key (numerically when all digits), then view number, so ea
 views are contiguous neighbours in the frame order.
 
 Skipped scenes (reason names the file): a view without its camera parameters or depth file
-(unless ``drop_incomplete_views``, which drops that view with a warning instead), malformed
-camera parameters, an unreadable EXR or one whose size differs from the image's (the
-manifest builder).
+(unless ``drop_incomplete_views``, which drops that view with a warning instead), unreadable
+camera parameters (corrupt or truncated ``.npz``, a bare ``.npy`` under that name, invalid
+JSON) or malformed ones (missing keys, wrong shapes, numbers beyond float64, ``R_cam2world``
+not a rotation), an unreadable EXR or one whose size differs from the image's (the manifest
+builder).
 
 Options: ``drop_incomplete_views`` (false), ``pixel_corner_intrinsics`` (true).
 """
@@ -47,12 +49,15 @@ import json
 import os
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from distill3r.data.sources.base import Frame, Scene, SceneRef, Source, register_source, rigid
+from distill3r.data.io import valid_depth
+from distill3r.data.sources.base import (Frame, Scene, SceneRef, Source, check_rotation,
+                                         register_source, rigid)
 
 _VIEW = re.compile(r"^(?P<key>.+)_(?P<view>\d+)\.(?:jpeg|jpg|png)$", re.IGNORECASE)
 _MARKERS = ("_depth.exr", "_camera_params.json", "_camera_params.npz")
@@ -66,13 +71,22 @@ class HabitatOptions:
     pixel_corner_intrinsics: bool = True  # K written with pixel corners at integers
 
 
+def _load_npz(path: Path) -> dict:
+    """The arrays of an ``.npz`` file (``allow_pickle=False``: object arrays raise)."""
+    data = np.load(path, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy array under an .npz name
+        raise ValueError("not an .npz archive")
+    with data:
+        return {key: data[key] for key in data.files}
+
+
 def _camera_values(path: Path, scene: str) -> dict:
     try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as data:
-                return {key: data[key] for key in data.files}
-        values = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
+        values = _load_npz(path) if path.suffix == ".npz" else json.loads(path.read_text())
+    # bad zip (CRC, truncated), corrupt deflate member, empty file, bad UTF-8 or JSON, JSON
+    # nested deeper than the parser's recursion limit
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error,
+            RecursionError) as exc:
         raise ValueError(f"{path}: unreadable camera parameters: {exc} (scene {scene})") from exc
     if not isinstance(values, dict):
         raise ValueError(f"{path}: camera parameters must be an object (scene {scene})")
@@ -90,13 +104,12 @@ def read_camera(path: Path, scene: str, pixel_corners: bool = True,
             raise ValueError(f"{path}: camera parameters lack {key!r} (scene {scene})")
         try:
             arrays[key] = np.asarray(values[key], np.float64).reshape(shape)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:  # overflow: beyond float64
             raise ValueError(f"{path}: {key} must be {shape} numbers (scene {scene})") from exc
         if not np.all(np.isfinite(arrays[key])):
             raise ValueError(f"{path}: {key} is not finite (scene {scene})")
-    K, R = arrays["camera_intrinsics"].copy(), arrays["R_cam2world"]
-    if not np.allclose(R @ R.T, np.eye(3), atol=1e-3) or np.linalg.det(R) <= 0:
-        raise ValueError(f"{path}: R_cam2world is not a rotation (scene {scene})")
+    K = arrays["camera_intrinsics"].copy()
+    R = check_rotation(arrays["R_cam2world"], f"{path}: R_cam2world of scene {scene}", atol=1e-3)
     if not np.allclose(K[2], [0, 0, 1], atol=1e-6):
         raise ValueError(f"{path}: camera_intrinsics' last row must be 0 0 1 (scene {scene})")
     if pixel_corners:
@@ -192,4 +205,4 @@ class HabitatSource(Source):
             depth = read_exr_depth(Path(frame.depth))
         except ValueError as exc:
             raise ValueError(f"{exc} (scene {frame.extra.get('scene', '?')})") from exc
-        return np.where(np.isfinite(depth) & (depth > 0), depth, 0).astype(np.float32)
+        return valid_depth(depth)

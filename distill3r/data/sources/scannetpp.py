@@ -24,7 +24,8 @@ top (a frame may override the intrinsics), ``frames`` and ``test_frames``: lists
 nerfstudio/OpenGL camera axes (x right, y up, z backward): OpenCV ``c2w = T @ GL_TO_CV``.
 Principal points follow nerfstudio/COLMAP (continuous coordinates with the image corner at 0,
 pixel centres at +0.5); the project puts pixel centres at integers, so ``K`` uses
-``cx - 0.5, cy - 0.5``.
+``cx - 0.5, cy - 0.5``. ``w``/``h`` are the image size (``Frame.size``): an image file of
+another size makes the manifest builder skip the scene, since ``K`` would not fit it.
 
 Depth (optional): ScanNet++ ships none for the DSLR; the toolkit's ``python -m common.render``
 writes ``dslr/render_depth/<image stem>.png``: uint16 millimetres, 0 = invalid, z-depth. It
@@ -42,6 +43,12 @@ Frames: ``frames`` plus ``test_frames`` (``include_test_frames``), without ``is_
 (``skip_bad_frames``), sorted by image file name (DSC numbering = capture order); frames whose
 image is missing (hidden test images) are dropped with a warning.
 
+Skipped scenes (the reason names the file): a missing or unreadable transforms file (not
+UTF-8 JSON, numbers beyond the float64 range, malformed frames), a distorted camera in it, an
+image of another size than its ``w``/``h``; with fisheye depth a ``fisheye_transforms`` file
+that is not ``OPENCV_FISHEYE``, or a depth map not of its size; a depth map that is not a
+single-channel 16-bit PNG or not of the image's size.
+
 Options: ``images_dir``, ``transforms``, ``fisheye_transforms`` (file names under ``dslr/`` and
 ``dslr/nerfstudio/``), ``depth_dir`` (under ``dslr/``, "" = no depth), ``depth_camera``
 (``fisheye`` | ``pinhole``), ``include_test_frames``, ``skip_bad_frames``.
@@ -49,21 +56,20 @@ Options: ``images_dir``, ``transforms``, ``fisheye_transforms`` (file names unde
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
+from distill3r.data.io import read_depth_png
 from distill3r.data.sources.base import (GL_TO_CV, Frame, Scene, SceneRef, Source, intrinsics,
-                                         register_source)
+                                         register_source, subfolders)
+from distill3r.jsonio import read_json
 
 PINHOLE_MODELS = ("PINHOLE", "SIMPLE_PINHOLE")
 DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "k5", "k6", "p1", "p2")
 DEPTH_CAMERAS = ("fisheye", "pinhole")
-MM = 1e-3  # metres per unit of a ScanNet++ depth PNG
 
 
 @dataclass
@@ -110,10 +116,8 @@ class ScannetppSource(Source):
     def find_scenes(self) -> list[SceneRef]:
         base = self.root / "data" if (self.root / "data").is_dir() else self.root
         refs = []
-        for path in sorted(base.iterdir()):
-            if path.name.startswith("."):
-                continue
-            if path.is_dir() and (path / "dslr").is_dir():
+        for path in subfolders(self, base):
+            if (path / "dslr").is_dir():
                 refs.append(SceneRef(path.name, path))
             else:
                 self.warn(f"{path}: not a ScanNet++ scene folder (no dslr/), skipped")
@@ -123,7 +127,7 @@ class ScannetppSource(Source):
         opts = self.options
         dslr = ref.path / "dslr"
         path = dslr / "nerfstudio" / opts.transforms
-        meta = _load_json(path, ref.name)
+        meta = _load_json(path, "transforms file", ref.name)
         _check_pinhole(meta, path, ref.name)
         entries = list(_list(meta, "frames", path, ref.name))
         if opts.include_test_frames:
@@ -154,7 +158,7 @@ class ScannetppSource(Source):
 
     def read_depth(self, frame: Frame) -> np.ndarray:
         scene = frame.extra.get("scene", "?")
-        depth = _read_mm_png(frame.depth, scene)
+        depth = read_depth_png(frame.depth, 1e-3, f"scene {scene}")  # uint16 millimetres
         fisheye: FisheyeCamera | None = frame.extra.get("fisheye")
         if fisheye is None:
             return depth
@@ -162,7 +166,7 @@ class ScannetppSource(Source):
             raise ValueError(f"{frame.depth}: fisheye depth is {depth.shape[1]}x{depth.shape[0]}"
                              f" but {fisheye.source} says {fisheye.size[0]}x{fisheye.size[1]}"
                              f" (scene {scene})")
-        rows, cols = self._warp_indices(fisheye, frame.extra["pinhole"], frame.extra["size"])
+        rows, cols = self._warp_indices(fisheye, frame.extra["pinhole"], frame.size)
         out = np.zeros(rows.shape, np.float32)
         ok = rows >= 0
         out[ok] = depth[rows[ok], cols[ok]]
@@ -177,16 +181,15 @@ class ScannetppSource(Source):
         return self._warp_cache[1], self._warp_cache[2]
 
 
-def _load_json(path: Path, scene: str) -> dict:
-    if not path.is_file():
-        raise ValueError(f"{path}: transforms file not found (scene {scene})")
+def _load_json(path: Path, what: str, scene: str) -> dict:
+    """``jsonio.read_json`` with the scene in the message; also turns what it lets through on
+    malformed files (read errors, JSON nested deeper than the recursion limit) into ValueError."""
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: unreadable JSON: {exc} (scene {scene})") from exc
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: expected a JSON object (scene {scene})")
-    return meta
+        return read_json(path, what)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (scene {scene})") from exc
+    except (OSError, RecursionError) as exc:
+        raise ValueError(f"{path}: unreadable {what}: {exc} (scene {scene})") from exc
 
 
 def _list(meta: dict, key: str, path: Path, scene: str) -> list:
@@ -200,7 +203,7 @@ def _number(meta: dict, key: str, path: Path, scene: str, default: float | None 
     value = meta.get(key, default)
     try:
         out = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # overflow: a JSON integer beyond float64
         raise ValueError(f"{path}: '{key}' missing or not a number: {value!r} "
                          f"(scene {scene})") from None
     if not np.isfinite(out):
@@ -228,7 +231,7 @@ def _frame(entry: Any, meta: dict, images: Path, depth_dir: Path | None, path: P
     name = entry["file_path"]
     try:
         T = np.asarray(entry["transform_matrix"], np.float64)
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise ValueError(f"{path}: frame {name}: missing or malformed 'transform_matrix' "
                          f"(scene {scene})") from None
     if T.shape == (3, 4):
@@ -246,11 +249,11 @@ def _frame(entry: Any, meta: dict, images: Path, depth_dir: Path | None, path: P
     if depth_dir is not None and (depth_dir / f"{Path(name).stem}.png").is_file():
         depth = depth_dir / f"{Path(name).stem}.png"
     return Frame(frame=0, image=image, depth=depth, K=intrinsics(fx, fy, cx - 0.5, cy - 0.5),
-                 c2w=T @ GL_TO_CV, size=size, extra={"size": size, "pinhole": (fx, fy, cx, cy)})
+                 c2w=T @ GL_TO_CV, size=size, extra={"pinhole": (fx, fy, cx, cy)})
 
 
 def _fisheye_camera(path: Path, scene: str) -> FisheyeCamera:
-    meta = _load_json(path, scene)
+    meta = _load_json(path, "fisheye transforms file", scene)
     model = str(meta.get("camera_model", ""))
     if model != "OPENCV_FISHEYE":
         raise ValueError(f"{path}: camera_model {model or '(none)'}, expected OPENCV_FISHEYE "
@@ -283,10 +286,3 @@ def _pinhole_to_fisheye(fisheye: FisheyeCamera, pinhole: tuple, size: tuple[int,
     return (np.where(inside, row, -1).astype(np.int64),
             np.where(inside, col, -1).astype(np.int64))
 
-
-def _read_mm_png(path: Path, scene: str) -> np.ndarray:
-    """A uint16 millimetre depth PNG as float32 metres (0 = invalid)."""
-    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if raw is None or raw.ndim != 2 or raw.dtype != np.uint16:
-        raise ValueError(f"{path}: not a single-channel 16-bit depth PNG (scene {scene})")
-    return raw.astype(np.float32) * np.float32(MM)
