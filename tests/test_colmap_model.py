@@ -176,3 +176,143 @@ def test_malformed_files_are_named(tmp_path):
     (tmp_path / "c" / "points3D.bin").write_bytes(points.read_bytes())
     with pytest.raises(ValueError, match="trailing bytes"):
         cm.read_model(tmp_path / "c")
+
+
+# ---------------------------------------------------------------- every parser error is named
+
+CAMERAS = "# comment\n1 PINHOLE 64 48 50 51 32 24\n"
+IMAGES = "1 1 0 0 0 0 0 0 1 a.jpg\n1.5 2.5 7 3.5 4.5 -1\n2 1 0 0 0 1 2 3 1 b.jpg\n\n"
+POINTS = "7 0.1 0.2 0.3 10 20 30 0.5 1 0\n"
+BIG = str(2 ** 63)
+
+
+def text_model(folder, **files) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    contents = {"cameras": CAMERAS, "images": IMAGES, "points3D": POINTS, **files}
+    for kind, text in contents.items():
+        data = text if isinstance(text, bytes) else text.encode()
+        (folder / f"{kind}.txt").write_bytes(data)
+
+
+def binary_camera(cam_id=1, model_id=1, width=64, height=48, params=(50.0, 51, 32, 24)) -> bytes:
+    return struct.pack("<QIiQQ", 1, cam_id, model_id, width, height) + struct.pack(
+        f"<{len(params)}d", *params)
+
+
+def binary_image(qvec=(1.0, 0, 0, 0), name=b"a.jpg") -> bytes:
+    return (struct.pack("<QI7dI", 1, 1, *qvec, 0, 0, 0, 1) + name + b"\0"
+            + struct.pack("<Q", 0))
+
+
+def binary_point(point_id=7, track=((1, 0),)) -> bytes:
+    out = struct.pack("<QQ3d3Bd", 1, point_id, 0.1, 0.2, 0.3, 10, 20, 30, 0.5)
+    return out + struct.pack("<Q", len(track)) + b"".join(struct.pack("<II", *t) for t in track)
+
+
+def test_valid_tiny_models_read(tmp_path):
+    text_model(tmp_path / "t")
+    model = cm.read_model(tmp_path / "t")
+    np.testing.assert_array_equal(model.images[1].point3d_ids, [7, -1])
+    np.testing.assert_array_equal(model.points3d[7].image_ids, [1])
+    (tmp_path / "b").mkdir()
+    for kind, data in (("cameras", binary_camera()), ("images", binary_image()),
+                       ("points3D", binary_point())):
+        (tmp_path / "b" / f"{kind}.bin").write_bytes(data)
+    model = cm.read_model(tmp_path / "b")
+    assert model.images[1].name == "a.jpg" and model.points3d[7].rgb.tolist() == [10, 20, 30]
+
+
+TEXT_CASES = {  # kind, contents, where, message
+    "track id beyond int64": ("points3D", f"7 0 0 0 1 2 3 0.5 {BIG} 0\n", "line 1",
+                              "too large"),
+    "point id beyond int64": ("points3D", f"{BIG} 0 0 0 1 2 3 0.5 1 0\n", "line 1",
+                              "point3D id"),
+    "colour": ("points3D", "\n7 0 0 0 1 2 300 0.5\n", "line 2", "colour 300"),
+    "observation id beyond int64": ("images", IMAGES.replace(" 7 ", f" {BIG} "), "line 2",
+                                    "too large"),
+    "fractional observation id": ("images", IMAGES.replace(" 7 ", " 7.5 "), "line 2",
+                                  "7.5"),
+    "bad observation x": ("images", IMAGES.replace("1.5", "x"), "line 2", "x"),
+    "nan quaternion": ("images", IMAGES.replace("2 1 0 0 0", "2 nan 0 0 0"), "line 3",
+                       "non-finite quaternion"),
+    "zero quaternion": ("images", IMAGES.replace("2 1 0 0 0", "2 0 0 0 0"), "line 3",
+                        "zero quaternion"),
+    "negative image id": ("images", IMAGES.replace("2 1 0 0 0", "-2 1 0 0 0"), "line 3",
+                          "image id -2"),
+    "image id beyond uint32": ("images", IMAGES.replace("2 1 0 0 0", f"{2 ** 32} 1 0 0 0"),
+                               "line 3", "image id"),
+    "duplicate image": ("images", IMAGES.replace("2 1 0 0 0", "1 1 0 0 0"), "line 3",
+                        "duplicate image id 1"),
+    "bad utf-8": ("images", IMAGES.encode().replace(b"b.jpg", b"b\xff.jpg"), "utf-8",
+                  "can't decode"),
+    "parameter": ("cameras", CAMERAS.replace("32 24", "32 x"), "line 2", "'x'"),
+    "infinite parameter": ("cameras", CAMERAS.replace("32 24", "32 1e999"), "line 2",
+                           "non-finite"),
+    "zero width": ("cameras", CAMERAS.replace("64 48", "0 48"), "line 2", "width 0"),
+    "camera id beyond int64": ("cameras", CAMERAS.replace("1 PINHOLE", f"{BIG} PINHOLE"),
+                               "line 2", "camera id"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TEXT_CASES))
+def test_text_parser_errors_are_value_errors_naming_file_and_line(tmp_path, case):
+    kind, contents, where, message = TEXT_CASES[case]
+    text_model(tmp_path, **{kind: contents})
+    with pytest.raises(Exception) as info:
+        cm.read_model(tmp_path)
+    assert type(info.value) is ValueError, repr(info.value)  # not OverflowError etc.
+    text = str(info.value)
+    assert text.startswith(f"{tmp_path / (kind + '.txt')}: malformed COLMAP {kind} file: {where}")
+    assert message in text, text
+
+
+BINARY_CASES = {  # kind, contents, where, message
+    "point id beyond int64": ("points3D", binary_point(point_id=2 ** 63), "byte 8",
+                              "point3D id"),
+    "truncated track": ("points3D", binary_point()[:-3], "byte 8", "truncated"),
+    "zero quaternion": ("images", binary_image(qvec=(0.0, 0, 0, 0)), "byte 8",
+                        "zero quaternion"),
+    "bad utf-8 name": ("images", binary_image(name=b"\xffa.jpg"), "byte 8", "can't decode"),
+    "empty name": ("images", binary_image(name=b""), "byte 8", "empty name"),
+    "nan parameter": ("cameras", binary_camera(params=(50.0, float("nan"), 32, 24)), "byte 8",
+                      "non-finite"),
+    "zero height": ("cameras", binary_camera(height=0), "byte 8", "height 0"),
+    "no count": ("cameras", b"\1\0", "byte 0", "truncated"),
+    "trailing bytes": ("cameras", binary_camera() + b"\0", "byte 64", "1 trailing bytes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BINARY_CASES))
+def test_binary_parser_errors_are_value_errors_naming_file_and_byte(tmp_path, case):
+    kind, contents, where, message = BINARY_CASES[case]
+    files = {"cameras": binary_camera(), "images": binary_image(), "points3D": binary_point(),
+             kind: contents}
+    for name, data in files.items():
+        (tmp_path / f"{name}.bin").write_bytes(data)
+    with pytest.raises(Exception) as info:
+        cm.read_model(tmp_path)
+    assert type(info.value) is ValueError, repr(info.value)
+    text = str(info.value)
+    assert text.startswith(f"{tmp_path / (kind + '.bin')}: malformed COLMAP {kind} file: {where}")
+    assert message in text, text
+
+
+def test_points_false_does_not_read_the_points_file(tmp_path):
+    text_model(tmp_path, points3D=f"7 0 0 0 1 2 3 0.5 {BIG} 0\n")  # malformed
+    with pytest.raises(ValueError, match="points3D.txt"):
+        cm.read_model(tmp_path)
+    model = cm.read_model(tmp_path, points=False)
+    assert model.points3d == {} and set(model.paths) == {"cameras", "images"}
+    np.testing.assert_array_equal(model.images[1].point3d_ids, [7, -1])  # covisibility input
+
+
+def test_uint32_ids_round_trip_in_binary(tmp_path):
+    big = 2 ** 32 - 1  # COLMAP's camera_t and image_t are uint32
+    model = cm.Model(cameras={big: cm.Camera(big, "PINHOLE", 64, 48,
+                                             np.array([50.0, 51, 32, 24]))},
+                     images={big: cm.Image(big, np.array([1.0, 0, 0, 0]), np.zeros(3), big,
+                                           "a.jpg")},
+                     points3d={5: cm.Point3D(5, np.zeros(3), np.zeros(3, np.uint8), 0.1,
+                                             np.array([big]), np.array([big]))})
+    cm.write_model(model, tmp_path, binary=True)
+    assert_models_equal(model, cm.read_model(tmp_path))

@@ -215,4 +215,37 @@ def test_reading_a_scene_with_its_text_model_names_malformed_files(truth, tmp_pa
     csv, report = build(tmp_path, "colmap", root)
     (skipped,) = report["skipped"]
     assert str(images) in skipped["reason"] and f"scene {bad.name}" in skipped["reason"]
+    assert "malformed COLMAP images file: line " in skipped["reason"]
     check_scene_rows(csv, good)
+
+
+def test_malformed_points3d_file_is_not_read(truth, tmp_path):
+    root = write_root(tmp_path / "raw", truth[:1])
+    points = root / truth[0].name / "sparse" / "0" / "points3D.txt"
+    points.write_text(f"7 0 0 0 1 2 3 0.5 {2 ** 63} 0\nnot a point\n")
+    csv, report = build(tmp_path, "colmap", root)
+    assert report["scenes"] == 1 and not report["skipped"] and not report["warnings"], report
+    check_scene_rows(csv, truth[0])
+
+
+def test_frames_carry_the_camera_size_as_height_width(truth, tmp_path):
+    from distill3r.data.sources.colmap import ColmapSource
+
+    scene = truth[0]
+    write_scene(tmp_path / scene.name, scene)
+    (read,) = ColmapSource(tmp_path).scenes()
+    h, w = scene.size
+    assert h != w
+    assert all(f.size == (h, w) and "size" not in f.extra for f in read.frames)
+
+
+def test_8bit_png_depth_skips_the_scene(truth, tmp_path):
+    good, bad = truth
+    root = write_root(tmp_path / "raw", truth, depth="png")
+    depth = root / bad.name / "depths" / "frame_0003.png"
+    cv2.imwrite(str(depth), np.full(bad.size, 7, np.uint8))
+    csv, report = build(tmp_path, "colmap", root)
+    (skipped,) = report["skipped"]
+    assert skipped["scene"] == bad.name and str(depth) in skipped["reason"]
+    assert "16-bit" in skipped["reason"] and f"scene {bad.name}" in skipped["reason"]
+    assert len(scene_records(csv, good.name)) == len(good.frames)

@@ -169,7 +169,7 @@ def test_missing_images_txt_skips_the_scene(truth, layout, tmp_path):
     assert len(scene_records(csv, SCENE_IDS[1])) == len(NAMES)
 
 
-@pytest.mark.parametrize("problem", ["size", "dataset", "corrupt"])
+@pytest.mark.parametrize("problem", ["size", "dataset", "corrupt", "group", "strings", "3d"])
 def test_bad_h5_depth_skips_the_scene(truth, layout, tmp_path, problem):
     root = copy_layout(layout, tmp_path)
     depths = root / "MegaDepth_v1" / SCENE_IDS[1] / "dense0" / "depths"
@@ -178,13 +178,23 @@ def test_bad_h5_depth_skips_the_scene(truth, layout, tmp_path, problem):
         write_h5(depth, np.ones((24, 32), np.float32))
     elif problem == "dataset":
         write_h5(depth, np.ones(truth[1].size, np.float32), dataset="disparity")
-    else:
+    elif problem == "corrupt":
         depth.write_bytes(b"not an hdf5 file")
+    else:
+        with h5py.File(depth, "w") as f:
+            if problem == "group":
+                f.create_group("depth").create_dataset("values", data=np.ones(3))
+            elif problem == "strings":
+                f.create_dataset("depth", data=np.full(truth[1].size, b"1.5"))
+            else:
+                f.create_dataset("depth", data=np.ones((2, *truth[1].size), np.float32))
     csv, report = build(tmp_path, "megadepth", root)
     (skipped,) = report["skipped"]
     assert skipped["scene"] == SCENE_IDS[1]
     assert str(depth) in skipped["reason"] and f"scene {SCENE_IDS[1]}" in skipped["reason"]
-    expected = {"size": "32x24", "dataset": "no 'depth' dataset", "corrupt": "unreadable h5"}
+    expected = {"size": "32x24", "dataset": "no 'depth' dataset", "corrupt": "unreadable h5",
+                "group": "is a Group, not a dataset", "strings": "dtype |S3, not numbers",
+                "3d": "must be 2-D"}
     assert expected[problem] in skipped["reason"]
     assert len(scene_records(csv, SCENE_IDS[0])) == len(NAMES)
 
@@ -201,7 +211,42 @@ def test_frames_without_depth_and_images_elsewhere(truth, layout, tmp_path, requ
     names = [r.image.name for r in records]
     assert NAMES[4] not in names and (NAMES[2] in names) != require_depth
     warnings = " ".join(report["warnings"])
-    assert f"not here, skipped: {NAMES[4]}" in warnings
+    assert f"not found, skipped: {NAMES[4]}" in warnings
     assert (f"no h5 depth for 1 image(s), skipped: {NAMES[2]}" in warnings) == require_depth
     if not require_depth:
         assert next(r for r in records if r.image.name == NAMES[2]).depth is None
+
+
+@pytest.mark.parametrize("content", ["mask", "bool_mask", "empty"])
+def test_mask_in_place_of_depth_drops_the_frame(truth, layout, tmp_path, content):
+    root = copy_layout(layout, tmp_path)
+    depth = (root / "MegaDepth_v1" / SCENE_IDS[0] / "dense0" / "depths" / NAMES[1]).with_suffix(
+        ".h5")
+    foreground = truth[0].frames[1].depth > 2.0  # a 0/1 foreground/background map
+    assert 0 < foreground.mean() < 1
+    if content == "bool_mask":
+        with h5py.File(depth, "w") as f:
+            f.create_dataset("depth", data=foreground)
+    else:
+        write_h5(depth, foreground if content == "mask" else np.zeros(truth[0].size))
+    csv, report = build(tmp_path, "megadepth", root)
+    assert report["scenes"] == 2 and not report["skipped"], report
+    (warning,) = report["warnings"]
+    assert str(depth) in warning and f"scene {SCENE_IDS[0]}" in warning
+    assert ("no valid depth" if content == "empty" else "a mask") in warning
+    records = scene_records(csv, SCENE_IDS[0])
+    names = [r.image.name for r in records]
+    assert names == [n for n in expected_order(truth[0]) if n != NAMES[1]]
+    ordered = [truth[0].frames[NAMES.index(n)] for n in names]
+    assert geometry_error(records, ordered, scale=SCALE) < TOLERANCE
+    assert len(scene_records(csv, SCENE_IDS[1])) == len(NAMES)
+
+
+def test_malformed_points3d_file_is_not_read(truth, layout, tmp_path):
+    root = copy_layout(layout, tmp_path)
+    points = root / "Undistorted_SfM" / SCENE_IDS[0] / "sparse-txt" / "points3D.txt"
+    points.write_text(points.read_text() + f"1 0 0 0 1 2 3 0.5 {2 ** 63} 0\n")
+    csv, report = build(tmp_path, "megadepth", root)
+    assert report["scenes"] == 2 and not report["skipped"] and not report["warnings"], report
+    names = [r.image.name for r in scene_records(csv, SCENE_IDS[0])]
+    assert names == expected_order(truth[0])  # covisibility from images.txt alone

@@ -3,19 +3,27 @@
 Files (COLMAP "Output Format"; binary is little-endian)::
 
     cameras.txt   CAMERA_ID MODEL WIDTH HEIGHT PARAMS...
-    cameras.bin   uint64 n; per camera: int32 id, int32 model_id, uint64 width, uint64 height,
+    cameras.bin   uint64 n; per camera: uint32 id, int32 model_id, uint64 width, uint64 height,
                   float64 params[k] (k fixed by the model)
     images.txt    two lines per image: IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME
                   then X Y POINT3D_ID ... (may be empty; POINT3D_ID -1 = not triangulated)
-    images.bin    uint64 n; per image: int32 id, float64 qw qx qy qz, float64 tx ty tz,
-                  int32 camera_id, NAME bytes + NUL, uint64 m, m x (float64 x, float64 y,
-                  int64 point3D_id)
+    images.bin    uint64 n; per image: uint32 id, float64 qw qx qy qz, float64 tx ty tz,
+                  uint32 camera_id, NAME bytes + NUL, uint64 m, m x (float64 x, float64 y,
+                  uint64 point3D_id, 2**64-1 = not triangulated, read as int64 -1)
     points3D.txt  POINT3D_ID X Y Z R G B ERROR IMAGE_ID POINT2D_IDX ...
     points3D.bin  uint64 n; per point: uint64 id, float64 x y z, uint8 r g b, float64 error,
-                  uint64 track_length, track_length x (int32 image_id, int32 point2D_idx)
+                  uint64 track_length, track_length x (uint32 image_id, uint32 point2D_idx)
 
 Lines starting with ``#`` are comments. :func:`read_model` prefers ``.bin`` over ``.txt`` per
-file; a missing ``points3D`` gives no points (the poses do not need them).
+file; a missing ``points3D`` gives no points (the poses do not need them), and
+``read_model(folder, points=False)`` skips that file altogether (a source that only needs
+poses, or ``Image.point3d_ids`` for covisibility, neither parses nor depends on it).
+
+Checked while reading (else ``ValueError`` naming the file and the line or byte): ids in range
+(camera/image ids uint32, point3D ids in [0, 2**63)), unique ids, the parameter count of a known
+camera model, positive camera sizes, finite parameters, poses and point coordinates, a non-zero
+quaternion, colours 0..255; every parser exception (overflow, truncation, bad UTF-8...) becomes
+such a ``ValueError``.
 
 Conventions: an image's ``(qvec, tvec)`` is the world-to-camera transform, quaternion
 ``w, x, y, z``, OpenCV camera axes (x right, y down, z forward); :func:`image_c2w` inverts it.
@@ -31,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 from scipy import sparse
+
+from distill3r.geometry import invert_pose
 
 
 @dataclass(frozen=True)
@@ -149,18 +159,13 @@ def image_w2c(image: Image) -> np.ndarray:
 
 def image_c2w(image: Image) -> np.ndarray:
     """The image's 4x4 OpenCV camera-to-world pose (inverse of COLMAP's world-to-camera)."""
-    w2c = image_w2c(image)
-    c2w = np.eye(4)
-    c2w[:3, :3] = w2c[:3, :3].T
-    c2w[:3, 3] = -w2c[:3, :3].T @ w2c[:3, 3]
-    return c2w
+    return invert_pose(image_w2c(image))
 
 
 def pose_from_c2w(c2w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """COLMAP ``(qvec, tvec)`` (world-to-camera) of an OpenCV camera-to-world pose."""
-    c2w = np.asarray(c2w, np.float64)
-    R = c2w[:3, :3].T
-    return rotmat_to_qvec(R), -R @ c2w[:3, 3]
+    w2c = invert_pose(c2w)
+    return rotmat_to_qvec(w2c[:3, :3]), w2c[:3, 3]
 
 
 def is_pinhole(camera: Camera) -> bool:
@@ -202,13 +207,22 @@ def covisibility(images: list[Image]) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ reading
 
-def read_model(folder: str | Path) -> Model:
-    """Read ``cameras``, ``images`` and ``points3D`` from ``folder`` (``.bin`` preferred over
-    ``.txt`` per file). ``ValueError`` naming the file if cameras or images are missing, or if
-    any file is malformed; no points3D file gives an empty point set."""
+# every exception a parser can raise on bad input: UnicodeDecodeError is a ValueError,
+# OverflowError an ArithmeticError, IndexError/KeyError LookupErrors
+_PARSE_ERRORS = (ValueError, ArithmeticError, LookupError, TypeError, struct.error)
+_UINT32_END = 2 ** 32  # camera and image ids are uint32 in COLMAP
+_INT64_END = 2 ** 63  # point3D ids are int64 here (images store them signed, -1 = none)
+_ATTRIBUTES = {"cameras": "cameras", "images": "images", "points3D": "points3d"}
+
+
+def read_model(folder: str | Path, points: bool = True) -> Model:
+    """Read ``cameras``, ``images`` and (if ``points``) ``points3D`` from ``folder`` (``.bin``
+    preferred over ``.txt`` per file). ``ValueError`` naming the file (and the line or byte)
+    if cameras or images are missing or any file read is malformed; no points3D file gives an
+    empty point set. ``points=False`` does not open the points3D file at all."""
     folder = Path(folder)
     model = Model()
-    for kind in FILES:
+    for kind in FILES if points else FILES[:2]:
         path = _model_file(folder, kind)
         if path is None:
             if kind == "points3D":
@@ -216,14 +230,20 @@ def read_model(folder: str | Path) -> Model:
             raise ValueError(f"{folder / (kind + '.txt')}: COLMAP {kind} file not found "
                              f"(nor {kind}.bin)")
         model.paths[kind] = path
-        try:
-            parsed = _READERS[(kind, path.suffix)](path)
-        except (ValueError, IndexError, KeyError, struct.error, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path}: malformed COLMAP {kind} file: {exc}") from exc
-        except OSError as exc:
-            raise ValueError(f"{path}: unreadable COLMAP {kind} file: {exc}") from exc
-        setattr(model, "points3d" if kind == "points3D" else kind, parsed)
+        setattr(model, _ATTRIBUTES[kind], _read_file(path, kind))
     return model
+
+
+def _read_file(path: Path, kind: str) -> dict:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{path}: unreadable COLMAP {kind} file: {exc}") from exc
+    at = _Location()
+    try:
+        return _READERS[(kind, path.suffix)](data, at)
+    except _PARSE_ERRORS as exc:
+        raise ValueError(f"{path}: malformed COLMAP {kind} file: {at}: {exc}") from exc
 
 
 def _model_file(folder: Path, kind: str) -> Path | None:
@@ -238,92 +258,158 @@ def has_model(folder: str | Path) -> bool:
     return all(_model_file(Path(folder), kind) is not None for kind in FILES[:2])
 
 
-def _text_lines(path: Path) -> list[str]:
-    return path.read_text(encoding="utf-8").splitlines()
+class _Location:
+    """Where a reader is in its file (``line 7``, ``byte 120``), for error messages."""
+
+    def __init__(self) -> None:
+        self.text = "start of file"
+
+    def __str__(self) -> str:
+        return self.text
 
 
-def _records(path: Path):
-    """Non-empty, non-comment lines of a text model file as ``(line_number, tokens)``."""
-    for number, line in enumerate(_text_lines(path), 1):
+# ---------------------------------------------------------------- records, checked
+
+def _int(token: str | int, what: str, low: int, end: int) -> int:
+    value = int(token)
+    if not low <= value < end:
+        raise ValueError(f"{what} {value} outside [{low}, {end})")
+    return value
+
+
+def _finite(values, what: str) -> np.ndarray:
+    array = np.asarray(values, np.float64)
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"non-finite {what} {array.tolist()}")
+    return array
+
+
+def _add(table: dict, key: int, value, what: str) -> None:
+    if key in table:
+        raise ValueError(f"duplicate {what} id {key}")
+    table[key] = value
+
+
+def _camera(cam_id: int, name: str, width: int, height: int, params) -> Camera:
+    spec = MODELS_BY_NAME.get(name)
+    params = _finite(params, f"parameters of camera {cam_id}")
+    if spec is not None and len(params) != spec.num_params:
+        raise ValueError(f"camera model {name} needs {spec.num_params} parameters, got "
+                         f"{len(params)}")
+    _int(width, f"camera {cam_id} width", 1, _INT64_END)
+    _int(height, f"camera {cam_id} height", 1, _INT64_END)
+    return Camera(_int(cam_id, "camera id", 0, _UINT32_END), name, int(width), int(height),
+                  params)
+
+
+def _image(image_id: int, qvec, tvec, camera_id: int, name: str, xys: np.ndarray,
+           point3d_ids: np.ndarray) -> Image:
+    qvec = _finite(qvec, f"quaternion of image {image_id}")
+    if np.linalg.norm(qvec) < 1e-12:
+        raise ValueError(f"zero quaternion of image {image_id}")
+    if not name:
+        raise ValueError(f"image {image_id} has an empty name")
+    if len(point3d_ids) and point3d_ids.min() < -1:
+        raise ValueError(f"image {image_id}: point3D id {point3d_ids.min()} < -1")
+    return Image(_int(image_id, "image id", 0, _UINT32_END), qvec,
+                 _finite(tvec, f"translation of image {image_id}"),
+                 _int(camera_id, "camera id", 0, _UINT32_END), name,
+                 point3d_ids=point3d_ids, xys=xys)
+
+
+def _point(point_id: int, xyz, rgb, error: float, track: np.ndarray) -> Point3D:
+    if len(track) and (track.min() < 0 or track.max() >= _UINT32_END):
+        raise ValueError(f"point3D {point_id}: track ids outside [0, {_UINT32_END})")
+    return Point3D(_int(point_id, "point3D id", 0, _INT64_END), _finite(xyz, "point"),
+                   np.array([_int(c, "colour", 0, 256) for c in rgb], np.uint8), float(error),
+                   image_ids=track[:, 0].astype(np.int64),
+                   point2d_idxs=track[:, 1].astype(np.int64))
+
+
+# ---------------------------------------------------------------- text files
+
+def _text_lines(data: bytes, at: _Location) -> list[str]:
+    at.text = "utf-8 decoding"
+    return data.decode("utf-8-sig").split("\n")
+
+
+def _records(data: bytes, at: _Location):
+    """Tokens of the non-empty, non-comment lines of a text model file (``at`` follows)."""
+    for number, line in enumerate(_text_lines(data, at), 1):
         line = line.strip()
         if line and not line.startswith("#"):
-            yield number, line.split()
+            at.text = f"line {number}"
+            yield line.split()
 
 
-def _check_unique(table: dict, key: int, what: str, where: str) -> None:
-    if key in table:
-        raise ValueError(f"{where}: duplicate {what} id {key}")
+def _int64s(tokens: list[str]) -> np.ndarray:
+    return np.array(tokens, dtype=str).astype(np.int64)  # OverflowError beyond int64
 
 
-def _read_cameras_txt(path: Path) -> dict[int, Camera]:
+def _read_cameras_txt(data: bytes, at: _Location) -> dict[int, Camera]:
     cameras: dict[int, Camera] = {}
-    for number, tokens in _records(path):
-        where = f"line {number}"
+    for tokens in _records(data, at):
         if len(tokens) < 4:
-            raise ValueError(f"{where}: expected CAMERA_ID MODEL WIDTH HEIGHT PARAMS...")
-        cam = Camera(int(tokens[0]), tokens[1], int(tokens[2]), int(tokens[3]),
-                     np.array([float(x) for x in tokens[4:]], np.float64))
-        model = MODELS_BY_NAME.get(cam.model)
-        if model is not None and len(cam.params) != model.num_params:
-            raise ValueError(f"{where}: camera model {cam.model} needs {model.num_params} "
-                             f"parameters, got {len(cam.params)}")
-        _check_unique(cameras, cam.id, "camera", where)
-        cameras[cam.id] = cam
+            raise ValueError("expected CAMERA_ID MODEL WIDTH HEIGHT PARAMS...")
+        cam = _camera(int(tokens[0]), tokens[1], int(tokens[2]), int(tokens[3]),
+                      np.array(tokens[4:], np.float64))
+        _add(cameras, cam.id, cam, "camera")
     return cameras
 
 
-def _read_images_txt(path: Path) -> dict[int, Image]:
+def _read_images_txt(data: bytes, at: _Location) -> dict[int, Image]:
     images: dict[int, Image] = {}
-    lines = _text_lines(path)
+    lines = _text_lines(data, at)
     i = 0
     while i < len(lines):
         line = lines[i].strip()
         i += 1
         if not line or line.startswith("#"):
             continue
-        where = f"line {i}"
+        at.text = f"line {i}"
         head = line.split(maxsplit=9)
         if len(head) < 10:
-            raise ValueError(f"{where}: expected IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME")
+            raise ValueError("expected IMAGE_ID QW QX QY QZ TX TY TZ CAMERA_ID NAME")
         # the observations line follows immediately, even when empty
-        points = lines[i].split() if i < len(lines) else []
+        obs = lines[i].split() if i < len(lines) else []
         i += 1
-        if len(points) % 3:
-            raise ValueError(f"line {i}: observations must be X Y POINT3D_ID triples")
-        obs = np.array(points, dtype=np.float64).reshape(-1, 3)
-        image = Image(int(head[0]), np.array(head[1:5], np.float64),
-                      np.array(head[5:8], np.float64), int(head[8]), head[9].strip(),
-                      point3d_ids=obs[:, 2].astype(np.int64), xys=obs[:, :2].copy())
-        _check_unique(images, image.id, "image", where)
-        images[image.id] = image
+        at.text = f"line {i}"
+        if len(obs) % 3:
+            raise ValueError("observations must be X Y POINT3D_ID triples")
+        xys = np.array([obs[0::3], obs[1::3]], np.float64).T.reshape(-1, 2)
+        point3d_ids = _int64s(obs[2::3])
+        at.text = f"line {i - 1}"
+        image = _image(int(head[0]), np.array(head[1:5], np.float64),
+                       np.array(head[5:8], np.float64), int(head[8]), head[9].strip(),
+                       xys, point3d_ids)
+        _add(images, image.id, image, "image")
     return images
 
 
-def _read_points_txt(path: Path) -> dict[int, Point3D]:
+def _read_points_txt(data: bytes, at: _Location) -> dict[int, Point3D]:
     points: dict[int, Point3D] = {}
-    for number, tokens in _records(path):
-        where = f"line {number}"
+    for tokens in _records(data, at):
         if len(tokens) < 8 or (len(tokens) - 8) % 2:
-            raise ValueError(f"{where}: expected POINT3D_ID X Y Z R G B ERROR "
-                             "(IMAGE_ID POINT2D_IDX)...")
-        track = np.array([int(x) for x in tokens[8:]], np.int64).reshape(-1, 2)
-        rgb = [int(x) for x in tokens[4:7]]
-        if not all(0 <= c <= 255 for c in rgb):
-            raise ValueError(f"{where}: colour {rgb} outside 0..255")
-        point = Point3D(int(tokens[0]), np.array(tokens[1:4], np.float64),
-                        np.array(rgb, np.uint8), float(tokens[7]),
-                        image_ids=track[:, 0].copy(), point2d_idxs=track[:, 1].copy())
-        _check_unique(points, point.id, "point3D", where)
-        points[point.id] = point
+            raise ValueError("expected POINT3D_ID X Y Z R G B ERROR (IMAGE_ID POINT2D_IDX)...")
+        point = _point(int(tokens[0]), np.array(tokens[1:4], np.float64), tokens[4:7],
+                       float(tokens[7]), _int64s(tokens[8:]).reshape(-1, 2))
+        _add(points, point.id, point, "point3D")
     return points
 
 
-class _Cursor:
-    """Sequential little-endian reads from a byte buffer; clear errors when it runs out."""
+# ---------------------------------------------------------------- binary files
 
-    def __init__(self, data: bytes):
+class _Cursor:
+    """Sequential little-endian reads from a byte buffer; clear errors when it runs out.
+    :meth:`record` marks where the next record starts (``at``, for error messages)."""
+
+    def __init__(self, data: bytes, at: _Location):
         self.data = data
         self.pos = 0
+        self.at = at
+
+    def record(self) -> None:
+        self.at.text = f"byte {self.pos}"
 
     def unpack(self, fmt: str) -> tuple:
         fmt = "<" + fmt
@@ -333,6 +419,10 @@ class _Cursor:
         out = struct.unpack_from(fmt, self.data, self.pos)
         self.pos += size
         return out
+
+    def count(self) -> int:
+        self.record()
+        return self.unpack("Q")[0]
 
     def array(self, dtype: np.dtype, count: int) -> np.ndarray:
         dtype = np.dtype(dtype)
@@ -352,55 +442,55 @@ class _Cursor:
         return out
 
     def finish(self) -> None:
+        self.record()
         if self.pos != len(self.data):
             raise ValueError(f"{len(self.data) - self.pos} trailing bytes after the last record")
 
 
-_OBS = np.dtype([("xy", "<f8", (2,)), ("id", "<i8")])
-_TRACK = np.dtype([("image_id", "<i4"), ("point2d_idx", "<i4")])
+_OBS = np.dtype([("xy", "<f8", (2,)), ("id", "<i8")])  # uint64 -1 (none) reads as int64 -1
+_TRACK = np.dtype([("image_id", "<u4"), ("point2d_idx", "<u4")])
 
 
-def _read_cameras_bin(path: Path) -> dict[int, Camera]:
-    cur = _Cursor(path.read_bytes())
+def _read_cameras_bin(data: bytes, at: _Location) -> dict[int, Camera]:
+    cur = _Cursor(data, at)
     cameras: dict[int, Camera] = {}
-    for _ in range(cur.unpack("Q")[0]):
-        cam_id, model_id, width, height = cur.unpack("iiQQ")
-        model = MODELS_BY_ID.get(model_id)
-        if model is None:
+    for _ in range(cur.count()):
+        cur.record()
+        cam_id, model_id, width, height = cur.unpack("IiQQ")
+        spec = MODELS_BY_ID.get(model_id)
+        if spec is None:
             raise ValueError(f"camera {cam_id}: unknown camera model id {model_id}")
-        params = cur.array("<f8", model.num_params)
-        _check_unique(cameras, cam_id, "camera", f"byte {cur.pos}")
-        cameras[cam_id] = Camera(cam_id, model.name, width, height, params)
+        cam = _camera(cam_id, spec.name, width, height, cur.array("<f8", spec.num_params))
+        _add(cameras, cam.id, cam, "camera")
     cur.finish()
     return cameras
 
 
-def _read_images_bin(path: Path) -> dict[int, Image]:
-    cur = _Cursor(path.read_bytes())
+def _read_images_bin(data: bytes, at: _Location) -> dict[int, Image]:
+    cur = _Cursor(data, at)
     images: dict[int, Image] = {}
-    for _ in range(cur.unpack("Q")[0]):
-        values = cur.unpack("i7di")
+    for _ in range(cur.count()):
+        cur.record()
+        values = cur.unpack("I7dI")
         name = cur.cstring()
         obs = cur.array(_OBS, cur.unpack("Q")[0])
-        image = Image(values[0], np.array(values[1:5]), np.array(values[5:8]), values[8], name,
-                      point3d_ids=obs["id"].astype(np.int64), xys=obs["xy"].astype(np.float64))
-        _check_unique(images, image.id, "image", f"byte {cur.pos}")
-        images[image.id] = image
+        image = _image(values[0], values[1:5], values[5:8], values[8], name,
+                       obs["xy"].astype(np.float64), obs["id"].astype(np.int64))
+        _add(images, image.id, image, "image")
     cur.finish()
     return images
 
 
-def _read_points_bin(path: Path) -> dict[int, Point3D]:
-    cur = _Cursor(path.read_bytes())
+def _read_points_bin(data: bytes, at: _Location) -> dict[int, Point3D]:
+    cur = _Cursor(data, at)
     points: dict[int, Point3D] = {}
-    for _ in range(cur.unpack("Q")[0]):
+    for _ in range(cur.count()):
+        cur.record()
         values = cur.unpack("Q3d3Bd")
-        track = cur.array(_TRACK, cur.unpack("Q")[0])
-        point = Point3D(values[0], np.array(values[1:4]), np.array(values[4:7], np.uint8),
-                        values[7], image_ids=track["image_id"].astype(np.int64),
-                        point2d_idxs=track["point2d_idx"].astype(np.int64))
-        _check_unique(points, point.id, "point3D", f"byte {cur.pos}")
-        points[point.id] = point
+        raw = cur.array(_TRACK, cur.unpack("Q")[0])
+        track = np.stack([raw["image_id"], raw["point2d_idx"]], axis=1).astype(np.int64)
+        point = _point(values[0], values[1:4], values[4:7], values[7], track)
+        _add(points, point.id, point, "point3D")
     cur.finish()
     return points
 
@@ -482,7 +572,7 @@ def _cameras_bin(model: Model) -> bytes:
         if spec is None or len(cam.params) != spec.num_params:
             raise ValueError(f"camera {cam.id}: model {cam.model} with {len(cam.params)} "
                              "parameters has no binary encoding")
-        out.append(struct.pack("<iiQQ", cam.id, spec.id, cam.width, cam.height))
+        out.append(struct.pack("<IiQQ", cam.id, spec.id, cam.width, cam.height))
         out.append(np.asarray(cam.params, "<f8").tobytes())
     return b"".join(out)
 
@@ -491,7 +581,7 @@ def _images_bin(model: Model) -> bytes:
     out = [struct.pack("<Q", len(model.images))]
     for img in model.images.values():
         xys, ids = _observations(img)
-        out.append(struct.pack("<i7di", img.id, *np.asarray(img.qvec, float),
+        out.append(struct.pack("<I7dI", img.id, *np.asarray(img.qvec, float),
                                *np.asarray(img.tvec, float), img.camera_id))
         out.append(img.name.encode("utf-8") + b"\0")
         obs = np.zeros(len(ids), _OBS)

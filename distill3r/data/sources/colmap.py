@@ -10,7 +10,7 @@ Layout (``root`` is a folder of scenes, or itself one scene named after the fold
         ├── sparse/0/                        options.model_dir (falls back to its parent, sparse/)
         │   ├── cameras.bin | cameras.txt    .bin preferred over .txt per file
         │   ├── images.bin  | images.txt
-        │   └── points3D.bin | points3D.txt  (optional, unused)
+        │   └── points3D.bin | points3D.txt  (optional, never read)
         ├── depths/                          optional, options.depth_dir
         │   ├── 0001.npy                     float metres, or
         │   └── 0001.png                     16-bit, metres = value * options.depth_png_scale
@@ -18,15 +18,17 @@ Layout (``root`` is a folder of scenes, or itself one scene named after the fold
             ├── images/                      options.undistorted_images: dense/images
             └── sparse/                      options.undistorted_model: dense/sparse (PINHOLE)
 
-Files read: the model (:mod:`distill3r.data.colmap_model`), the images it lists, and per image
-``<depth_dir>/<NAME without suffix>.npy`` (preferred) or ``.png`` when present.
+Files read: the model's cameras and images (:mod:`distill3r.data.colmap_model`; points3D is
+not parsed, so a broken or huge points3D file does not matter), the images it lists, and per
+image ``<depth_dir>/<NAME without suffix>.npy`` (preferred) or ``.png`` when present.
 
 Depth: z-depth in the units of the model's translations (metres when the model is metric,
 e.g. scaled with ``colmap model_aligner``); ``.npy`` float (non-finite, <= 0 = invalid) or a
-16-bit PNG (0 = invalid) scaled by ``depth_png_scale`` (default 0.001: millimetres). ``.npy``
-maps, and PNGs when that scale is the project's own (1e-4), go into the manifest as they are;
-other PNGs are converted (``depth_is_native``). A map must have the camera's size (else the
-scene is skipped).
+single-channel 16-bit PNG (0 = invalid) scaled by ``depth_png_scale`` (default 0.001:
+millimetres). ``.npy`` maps, and PNGs when that scale is the project's own (1e-4), go into the
+manifest as they are (referenced in place); other PNGs are converted to ``.npy`` metres
+(``depth_is_native``). A map must have the camera's size (``Frame.size``, else the scene is
+skipped).
 
 Poses and intrinsics: COLMAP stores world-to-camera ``(qvec w,x,y,z; tvec)`` with OpenCV camera
 axes, so ``c2w`` is its inverse. ``K`` comes from PINHOLE (fx, fy, cx, cy) or SIMPLE_PINHOLE
@@ -45,9 +47,13 @@ Frame order: the images sorted by NAME (capture order for numbered frames). Imag
 lists but the image folder lacks are skipped with a warning; images on disk the model does not
 list are ignored with a warning (both one warning per scene).
 
-Skipped scenes (reason names the file): no model folder, a malformed model file, an image
-using a distorted camera, an unknown camera id, no image of the model on disk, an unreadable
-depth map or one whose size differs from its camera's.
+Skipped scenes (reason names the file): no model folder, a malformed cameras or images file
+(the reason gives the line or byte), an image using a distorted camera, an unknown camera id,
+no image of the model on disk, an unreadable depth map (e.g. an 8-bit PNG) or one whose size
+differs from its camera's.
+
+The helpers above the source class (model reading, images on disk, one frame per model image,
+the depth size check) are shared with :mod:`distill3r.data.sources.megadepth`.
 
 Options (defaults): ``images_dir`` ("images"), ``model_dir`` ("sparse/0"), ``depth_dir``
 ("depths"), ``depth_png_scale`` (0.001 metres per PNG unit), ``undistorted_images`` and
@@ -63,7 +69,7 @@ from pathlib import Path
 import numpy as np
 
 from distill3r.data import colmap_model as cm
-from distill3r.data.io import DEPTH_PNG_SCALE, IMAGE_SUFFIXES, read_depth
+from distill3r.data.io import DEPTH_PNG_SCALE, IMAGE_SUFFIXES, read_depth, read_depth_png
 from distill3r.data.sources.base import Frame, Scene, SceneRef, Source, register_source, subfolders
 
 _LISTED = 3  # file names quoted in a warning
@@ -79,52 +85,77 @@ class ColmapOptions:
     undistorted_model: str | None = None  # e.g. "dense/sparse"
 
 
+# ------------------------------------------------ helpers shared with the megadepth source
+
 def name_listing(names: list[str]) -> str:
     """The first few of ``names`` for a warning."""
     more = f" and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
     return ", ".join(names[:_LISTED]) + more
 
 
-def pinhole_K(model: cm.Model, camera_id: int, scene: str, hint: str = "") -> np.ndarray:
-    """``K`` of a model's camera; ``ValueError`` naming the cameras file, the camera model and
-    the scene when it is not a pinhole camera."""
-    cameras_file = model.paths.get("cameras", "cameras")
-    camera = model.cameras[camera_id]
+def read_scene_model(folder: Path, scene: str) -> cm.Model:
+    """Cameras and images of a COLMAP model (points3D is neither parsed nor required: poses
+    and ``Image.point3d_ids`` are all the sources use); ``ValueError`` naming file and scene."""
     try:
-        return cm.camera_K(camera)
+        return cm.read_model(folder, points=False)
     except ValueError as exc:
-        raise ValueError(f"{cameras_file}: {exc} (scene {scene}){hint}") from exc
+        raise ValueError(f"{exc} (scene {scene})") from exc
 
 
-def checked_camera(model: cm.Model, image: cm.Image, scene: str) -> cm.Camera:
+def images_on_disk(source: Source, model: cm.Model, folder: Path, scene: str) -> list[cm.Image]:
+    """The model's images found in ``folder``, sorted by name; one warning for the images the
+    model lists but ``folder`` lacks and one for the images ``folder`` has but the model does
+    not list. ``ValueError`` if none is there."""
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: image folder not found (scene {scene})")
+    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*")
+               if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
+    listed = sorted(model.images.values(), key=lambda im: im.name)
+    missing = [im.name for im in listed if im.name not in on_disk]
+    if missing:
+        source.warn(f"{folder}: {len(missing)} image(s) of {model.paths['images']} not found, "
+                    f"skipped: {name_listing(missing)} (scene {scene})")
+    unused = sorted(on_disk - {im.name for im in listed})
+    if unused:
+        source.warn(f"{folder}: {len(unused)} image(s) not in {model.paths['images']}, "
+                    f"ignored: {name_listing(unused)} (scene {scene})")
+    present = [im for im in listed if im.name in on_disk]
+    if not present:
+        raise ValueError(f"{model.paths['images']}: none of its {len(listed)} images is in "
+                         f"{folder} (scene {scene})")
+    return present
+
+
+def colmap_frame(index: int, image: cm.Image, model: cm.Model, image_path: Path,
+                 depth: Path | None, scene: str, hint: str = "") -> Frame:
+    """The frame of one model image: ``K`` of its pinhole camera, ``c2w`` the inverse of its
+    world-to-camera pose, ``size`` the camera's (H, W). ``ValueError`` naming the file and
+    scene (followed by ``hint``) for an unknown or distorted camera."""
+    cameras_file = model.paths["cameras"]
     camera = model.cameras.get(image.camera_id)
     if camera is None:
         raise ValueError(f"{model.paths['images']}: image {image.name} uses camera "
-                         f"{image.camera_id}, which {model.paths['cameras']} lacks "
-                         f"(scene {scene})")
-    return camera
-
-
-def depth_in_camera_units(frame: Frame, png_scale: float) -> np.ndarray:
-    """Read a ``.npy``/``.png`` depth map and check it against the frame's camera size."""
-    scene = frame.extra.get("scene", "?")
+                         f"{image.camera_id}, which {cameras_file} lacks (scene {scene})")
     try:
-        depth = read_depth(frame.depth, png_scale)
+        K = cm.camera_K(camera)
     except ValueError as exc:
-        raise ValueError(f"{exc} (scene {scene})") from exc
-    check_depth_size(frame, depth)
-    return depth
+        raise ValueError(f"{cameras_file}: {exc} (scene {scene}){hint}") from exc
+    return Frame(frame=index, image=image_path, depth=depth, K=K, c2w=cm.image_c2w(image),
+                 size=(camera.height, camera.width),
+                 extra={"scene": scene, "camera": camera.id, "cameras_file": str(cameras_file)})
 
 
 def check_depth_size(frame: Frame, depth: np.ndarray) -> None:
-    """``ValueError`` if ``depth`` differs in size from the camera (``Frame.extra``) of the
-    model: then ``K`` would not describe it."""
-    width, height = frame.extra["size"]
+    """``ValueError`` if ``depth`` differs in size from the frame's camera (``Frame.size``):
+    then ``K`` would not describe it."""
+    height, width = frame.size
     if depth.shape != (height, width):
         raise ValueError(f"{frame.depth}: depth is {depth.shape[1]}x{depth.shape[0]} but "
                          f"camera {frame.extra['camera']} of {frame.extra['cameras_file']} is "
-                         f"{width}x{height} (scene {frame.extra.get('scene', '?')})")
+                         f"{width}x{height} (scene {frame.extra['scene']})")
 
+
+# ------------------------------------------------ the source
 
 @register_source
 class ColmapSource(Source):
@@ -178,28 +209,17 @@ class ColmapSource(Source):
         if folder is None:
             raise ValueError(f"{ref.path / self._model_rel}: COLMAP model folder not found (no "
                              f"cameras and images .bin/.txt there) (scene {ref.name})")
-        try:
-            model = cm.read_model(folder)
-        except ValueError as exc:
-            raise ValueError(f"{exc} (scene {ref.name})") from exc
+        model = read_scene_model(folder, ref.name)
         self._warn_other_models(ref, folder)
         images_dir = ref.path / self._images_rel
-        images = self._present_images(ref, model, images_dir)
+        images = images_on_disk(self, model, images_dir, ref.name)
         hint = ("" if self.options.undistorted_model else
                 f"; run `colmap image_undistorter --image_path {images_dir} --input_path "
                 f"{folder} --output_path {ref.path / 'dense'}` and set the options "
                 "undistorted_images: dense/images, undistorted_model: dense/sparse")
-        frames = []
-        for i, image in enumerate(images):
-            camera = checked_camera(model, image, ref.name)
-            K = pinhole_K(model, camera.id, ref.name, hint)
-            frames.append(Frame(frame=i, image=images_dir / image.name,
-                                depth=self._depth_path(ref.path, image.name), K=K,
-                                c2w=cm.image_c2w(image),
-                                size=(camera.height, camera.width),
-                                extra={"scene": ref.name, "size": (camera.width, camera.height),
-                                       "camera": camera.id,
-                                       "cameras_file": str(model.paths["cameras"])}))
+        frames = [colmap_frame(i, image, model, images_dir / image.name,
+                               self._depth_path(ref.path, image.name), ref.name, hint)
+                  for i, image in enumerate(images)]
         without = [f.image.name for f in frames if f.depth is None]
         if (ref.path / self.options.depth_dir).is_dir() and without:
             self.warn(f"{ref.path / self.options.depth_dir}: no depth map for {len(without)} "
@@ -215,27 +235,6 @@ class ColmapSource(Source):
             self.warn(f"{folder.parent}: only model {folder.name} is used, not {others} "
                       f"(scene {ref.name})")
 
-    def _present_images(self, ref: SceneRef, model: cm.Model, images_dir: Path) -> list[cm.Image]:
-        """The model's images found on disk, sorted by name; warnings for the others."""
-        if not images_dir.is_dir():
-            raise ValueError(f"{images_dir}: image folder not found (scene {ref.name})")
-        on_disk = {p.relative_to(images_dir).as_posix() for p in images_dir.rglob("*")
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
-        listed = sorted(model.images.values(), key=lambda im: im.name)
-        missing = [im.name for im in listed if im.name not in on_disk]
-        if missing:
-            self.warn(f"{images_dir}: {len(missing)} image(s) of {model.paths['images']} not "
-                      f"found, skipped: {name_listing(missing)} (scene {ref.name})")
-        unused = sorted(on_disk - {im.name for im in listed})
-        if unused:
-            self.warn(f"{images_dir}: {len(unused)} image(s) not in {model.paths['images']}, "
-                      f"ignored: {name_listing(unused)} (scene {ref.name})")
-        present = [im for im in listed if im.name in on_disk]
-        if not present:
-            raise ValueError(f"{model.paths['images']}: none of its {len(listed)} images is in "
-                             f"{images_dir} (scene {ref.name})")
-        return present
-
     def _depth_path(self, scene: Path, name: str) -> Path | None:
         stem = (scene / self.options.depth_dir / name).with_suffix("")
         for suffix in (".npy", ".png"):
@@ -248,4 +247,15 @@ class ColmapSource(Source):
         return frame.depth is not None and (frame.depth.suffix == ".npy" or self.native_depth)
 
     def read_depth(self, frame: Frame) -> np.ndarray:
-        return depth_in_camera_units(frame, self.options.depth_png_scale)
+        """``.npy`` metres as ``io.read_depth`` reads them (the builder references them in
+        place), or a 16-bit PNG times ``depth_png_scale``; checked against the camera size."""
+        scene = frame.extra["scene"]
+        if frame.depth.suffix == ".png":
+            depth = read_depth_png(frame.depth, self.options.depth_png_scale, f"scene {scene}")
+        else:
+            try:
+                depth = read_depth(frame.depth)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (scene {scene})") from exc
+        check_depth_size(frame, depth)
+        return depth

@@ -7,24 +7,34 @@ Layout::
     │   └── <scene_id>/                      phoenix/S6/zl548/MegaDepth_v1 folder, moved or not)
     │       └── dense0/                      options.images_subdir
     │           ├── imgs/<name>.jpg          undistorted photos
-    │           └── depths/<stem>.h5         HDF5 dataset "depth", float32 [H,W]
+    │           └── depths/<stem>.h5         HDF5 dataset "depth", float32 [H,W] (or a mask)
     └── Undistorted_SfM/                     options.sfm_dir (D2-Net's undistort_reconstructions)
         └── <scene_id>/
             └── sparse-txt/                  options.model_subdir; .txt or .bin model
                 ├── cameras.txt              PINHOLE cameras
                 ├── images.txt               world-to-camera poses; NAME = the imgs file name
-                └── points3D.txt
+                └── points3D.txt             not read
 
 A scene is any ``<scene_id>`` folder under either ``MegaDepth_v1`` or ``Undistorted_SfM``; a
 scene lacking its half of the layout is skipped and named. Scene name = ``<scene_id>``.
 
-Files read: the COLMAP model (:mod:`distill3r.data.colmap_model`), ``imgs/<NAME>`` and
-``depths/<NAME without suffix>.h5`` for every image of the model found in ``imgs``.
+Files read: the COLMAP model's cameras and images (:mod:`distill3r.data.colmap_model`; the
+observations' POINT3D_IDs in images.txt give the covisibility, so points3D is never parsed),
+``imgs/<NAME>`` and ``depths/<NAME without suffix>.h5`` for every image of the model found in
+``imgs``.
 
 Depth: the h5 dataset ``depth``, z-depth of the MVS reconstruction in the SfM model's units
 (no metric scale: each scene is consistent up to its own unknown scale); 0, negative or
-non-finite = invalid. It must have the camera's (and image's) size. The source converts it to
-``.npy`` (``native_depth`` False); ``h5py`` is imported only then.
+non-finite = invalid. It must be a 2-D numeric (or boolean) HDF5 dataset of the camera's (and
+image's) size.
+The source converts it to ``.npy`` (``native_depth`` False); ``h5py`` is imported only then.
+
+Masks: some ``depths/*.h5`` files of MegaDepth v1 hold a foreground/background (ordinal) mask
+instead of depth. D2-Net's preprocessing drops them by file size (< 100 KB); this source looks
+at the content instead: a map whose valid pixels take at most ``MASK_VALUES`` (2) distinct
+values is a mask (real MVS depth takes thousands), and a map with no valid pixel is useless.
+Either drops that one frame (:class:`~distill3r.data.sources.base.SkipFrame`: the manifest
+report's warnings name the file) and keeps the scene.
 
 Poses and intrinsics: COLMAP world-to-camera ``(qvec w,x,y,z; tvec)`` with OpenCV axes, so
 ``c2w`` is its inverse; ``K`` from the PINHOLE/SIMPLE_PINHOLE camera with 0.5 subtracted from
@@ -37,9 +47,11 @@ from the images' POINT3D_IDs), not the file names. ``Frame.frame`` is the chain 
 
 Skipped with a warning (one per scene): images of the model not in ``imgs`` (the SfM model
 also holds photos of other dense folders), photos in ``imgs`` the model lacks, and, with
-``require_depth``, images without an h5 depth. Skipped scenes (reason names the file): no
-model, a malformed model file, a distorted camera, no ``imgs`` folder, no usable image, an h5
-file that is unreadable, lacks the ``depth`` dataset or differs in size from its camera.
+``require_depth``, images without an h5 depth; frames whose h5 holds a mask (see above).
+Skipped scenes (reason names the file): no model, a malformed cameras or images file, a
+distorted camera, no ``imgs`` folder, no usable image, an h5 file that is unreadable, lacks
+the ``depth`` dataset, holds a group or non-numeric data there, or differs in size from its
+camera.
 
 Options (defaults): ``images_subdir`` ("dense0"), ``sfm_dir`` ("Undistorted_SfM"),
 ``model_subdir`` ("sparse-txt"), ``depth_root`` ("MegaDepth_v1"), ``require_depth`` (true:
@@ -54,11 +66,15 @@ from pathlib import Path
 import numpy as np
 
 from distill3r.data import colmap_model as cm
-from distill3r.data.io import IMAGE_SUFFIXES
+from distill3r.data.io import valid_depth
 from distill3r.data.ordering import chain_order
-from distill3r.data.sources.base import Frame, Scene, SceneRef, Source, register_source, subfolders
-from distill3r.data.sources.colmap import (check_depth_size, checked_camera, name_listing,
-                                           pinhole_K)
+from distill3r.data.sources.base import (Frame, Scene, SceneRef, SkipFrame, Source,
+                                         register_source, subfolders)
+from distill3r.data.sources.colmap import (check_depth_size, colmap_frame, images_on_disk,
+                                           name_listing, read_scene_model)
+
+MASK_VALUES = 2  # a map whose valid pixels take at most this many values is a mask
+
 
 @dataclass
 class MegaDepthOptions:
@@ -70,20 +86,43 @@ class MegaDepthOptions:
 
 
 def read_h5_depth(path: Path, scene: str) -> np.ndarray:
-    """The ``depth`` dataset of a MegaDepth h5 file as float32 (invalid -> 0)."""
+    """The ``depth`` dataset of a MegaDepth h5 file as float32 (invalid -> 0); ``ValueError``
+    naming the file and scene for anything else than a 2-D numeric dataset."""
     import h5py  # only this source needs it
 
     try:
         with h5py.File(path, "r") as f:
-            if "depth" not in f:
-                raise ValueError(f"{path}: no 'depth' dataset in the h5 file (has "
-                                 f"{sorted(f.keys())}) (scene {scene})")
-            depth = np.asarray(f["depth"][()], np.float32)
+            depth = _depth_dataset(f, h5py)
     except OSError as exc:
         raise ValueError(f"{path}: unreadable h5 depth file: {exc} (scene {scene})") from exc
-    if depth.ndim != 2:
-        raise ValueError(f"{path}: depth must be 2-D, got shape {depth.shape} (scene {scene})")
-    return np.where(np.isfinite(depth) & (depth > 0), depth, 0).astype(np.float32)
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise ValueError(f"{path}: {exc} (scene {scene})") from exc
+    return valid_depth(depth)
+
+
+def _depth_dataset(f, h5py) -> np.ndarray:
+    """``f["depth"]`` read, after checking it is a 2-D dataset of numbers."""
+    data = f.get("depth")
+    if data is None:
+        raise ValueError(f"no 'depth' dataset in the h5 file (has {sorted(f.keys())})")
+    if not isinstance(data, h5py.Dataset):
+        raise ValueError(f"'depth' in the h5 file is a {type(data).__name__}, not a dataset")
+    if data.dtype.kind not in "fiub":  # booleans: a mask, dropped by the caller
+        raise ValueError(f"'depth' has dtype {data.dtype}, not numbers")
+    if len(data.shape) != 2:
+        raise ValueError(f"depth must be 2-D, got shape {data.shape}")
+    return np.asarray(data[()], np.float32)
+
+
+def valid_values(depth: np.ndarray, limit: int) -> int:
+    """How many distinct values the valid pixels (> 0) of ``depth`` take, counted up to
+    ``limit + 1`` (linear time, no sort)."""
+    values = depth[depth > 0]
+    count = 0
+    while values.size and count <= limit:
+        values = values[values != values[0]]
+        count += 1
+    return count
 
 
 @register_source
@@ -115,61 +154,44 @@ class MegaDepthSource(Source):
         if not cm.has_model(model_folder):
             raise ValueError(f"{model_folder / 'images.txt'}: COLMAP model not found (needs "
                              f"cameras and images .txt or .bin) (scene {ref.name})")
-        try:
-            model = cm.read_model(model_folder)
-        except ValueError as exc:
-            raise ValueError(f"{exc} (scene {ref.name})") from exc
-        images = self._usable_images(ref, model, dense)
+        model = read_scene_model(model_folder, ref.name)
+        images = images_on_disk(self, model, dense / "imgs", ref.name)
+        if self.options.require_depth:
+            images = self._with_depth(ref, model, dense, images)
         order = chain_order(cm.covisibility(images))
         frames = []
         for position, k in enumerate(order):
-            image = images[k]
-            camera = checked_camera(model, image, ref.name)
-            depth = self._depth_path(dense, image.name)
-            frames.append(Frame(frame=position, image=dense / "imgs" / image.name,
-                                depth=depth if depth.is_file() else None,
-                                K=pinhole_K(model, camera.id, ref.name), c2w=cm.image_c2w(image),
-                                size=(camera.height, camera.width),
-                                extra={"scene": ref.name, "size": (camera.width, camera.height),
-                                       "camera": camera.id,
-                                       "cameras_file": str(model.paths["cameras"])}))
+            depth = self._depth_path(dense, images[k].name)
+            frames.append(colmap_frame(position, images[k], model, dense / "imgs" / images[k].name,
+                                       depth if depth.is_file() else None, ref.name))
         return Scene(ref.name, dense, frames)
 
     @staticmethod
     def _depth_path(dense: Path, name: str) -> Path:
         return (dense / "depths" / name).with_suffix(".h5")
 
-    def _usable_images(self, ref: SceneRef, model: cm.Model, dense: Path) -> list[cm.Image]:
-        """The model's images present in ``imgs`` (and with depth if required), by name."""
-        folder = dense / "imgs"
-        if not folder.is_dir():
-            raise ValueError(f"{folder}: image folder not found (scene {ref.name})")
-        on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                   if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES}
-        listed = sorted(model.images.values(), key=lambda im: im.name)
-        names = {im.name for im in listed}
-        missing = [im.name for im in listed if im.name not in on_disk]
-        if missing:
-            self.warn(f"{folder}: {len(missing)} image(s) of {model.paths['images']} not here, "
-                      f"skipped: {name_listing(missing)} (scene {ref.name})")
-        unused = sorted(on_disk - names)
-        if unused:
-            self.warn(f"{folder}: {len(unused)} image(s) not in {model.paths['images']}, "
-                      f"ignored: {name_listing(unused)} (scene {ref.name})")
-        present = [im for im in listed if im.name in on_disk]
-        if self.options.require_depth:
-            no_depth = [im.name for im in present if not self._depth_path(dense, im.name).is_file()]
-            if no_depth:
-                self.warn(f"{dense / 'depths'}: no h5 depth for {len(no_depth)} image(s), "
-                          f"skipped: {name_listing(no_depth)} (scene {ref.name})")
-            dropped = set(no_depth)
-            present = [im for im in present if im.name not in dropped]
-        if not present:
-            raise ValueError(f"{folder}: no usable image of {model.paths['images']} (scene "
-                             f"{ref.name})")
-        return present
+    def _with_depth(self, ref: SceneRef, model: cm.Model, dense: Path,
+                    images: list[cm.Image]) -> list[cm.Image]:
+        """``images`` that have an h5 depth map; one warning for the others."""
+        no_depth = [im.name for im in images if not self._depth_path(dense, im.name).is_file()]
+        if no_depth:
+            self.warn(f"{dense / 'depths'}: no h5 depth for {len(no_depth)} image(s), "
+                      f"skipped: {name_listing(no_depth)} (scene {ref.name})")
+        dropped = set(no_depth)
+        kept = [im for im in images if im.name not in dropped]
+        if not kept:
+            raise ValueError(f"{dense / 'depths'}: no h5 depth for any image of "
+                             f"{model.paths['images']} (scene {ref.name})")
+        return kept
 
     def read_depth(self, frame: Frame) -> np.ndarray:
-        depth = read_h5_depth(frame.depth, frame.extra.get("scene", "?"))
+        scene = frame.extra["scene"]
+        depth = read_h5_depth(frame.depth, scene)
         check_depth_size(frame, depth)
+        count = valid_values(depth, MASK_VALUES)
+        if count == 0:
+            raise SkipFrame(f"{frame.depth}: no valid depth pixel, frame dropped (scene {scene})")
+        if count <= MASK_VALUES:
+            raise SkipFrame(f"{frame.depth}: a mask (its valid pixels take {count} value(s)), "
+                            f"not a depth map, frame dropped (scene {scene})")
         return depth
