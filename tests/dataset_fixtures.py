@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import cv2
 import numpy as np
 
 from distill3r.cache.writer import load_sample
@@ -124,6 +125,17 @@ def check_images(records: list[FrameRecord], truth: list[TruthFrame], lossy: boo
         image = read_image(r.image).astype(np.int16)
         diff = np.abs(image - t.image.astype(np.int16)).mean()
         assert diff < (20.0 if lossy else 1e-9), (r.image, diff)  # 4:2:0 JPEG of tiny views
+
+
+def write_jpeg(path: Path, image: np.ndarray) -> None:
+    """An RGB image as JPEG quality 95 without chroma subsampling: cv2's default 4:2:0 loses
+    more than ``check_images`` allows on the fine texture of tiny demo views."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
+                            [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                             cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])
+    assert ok, path
+    path.write_bytes(data.tobytes())
 
 
 def skipped_reasons(report: dict, expected: dict) -> dict[str, str]:

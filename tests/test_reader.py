@@ -90,12 +90,18 @@ def test_two_ranks_two_workers_read_each_sample_once(cache, tmp_path):
     assert keys[0][0] != keys[0][1]  # a new order each epoch
 
 
-def test_truncated_shard_names_shard_and_key(cache, tmp_path):
+def _truncated_copy(cache: Path, tmp_path: Path) -> Path:
+    """A copy of the train split whose second shard is cut at 60 %."""
     split = tmp_path / "train"
     shutil.copytree(cache / "train", split)
     shard = split / "shard-000001.tar"
     data = shard.read_bytes()
     shard.write_bytes(data[: int(len(data) * 0.6)])
+    return split
+
+
+def test_truncated_shard_names_shard_and_key(cache, tmp_path):
+    split = _truncated_copy(cache, tmp_path)
     with pytest.raises(ValueError, match=r"shard-000001\.tar.*sample boxroom__scene_\d+__s\d+"):
         list(cache_dataset(split, shuffle=False, seed=0))
 
@@ -103,12 +109,7 @@ def test_truncated_shard_names_shard_and_key(cache, tmp_path):
 def test_training_reader_names_a_truncated_shard(cache, tmp_path):
     from distill3r.training.data import read_range, split_shards
 
-    split = tmp_path / "train"
-    shutil.copytree(cache / "train", split)
-    shard = split / "shard-000001.tar"
-    data = shard.read_bytes()
-    shard.write_bytes(data[: int(len(data) * 0.6)])
-    _, shards = split_shards(split)
+    _, shards = split_shards(_truncated_copy(cache, tmp_path))
     total = sum(s.num_samples for s in shards)
     with pytest.raises(CorruptShardError,
                        match=r"shard-000001\.tar: truncated.*sample boxroom__scene_\d+__s\d+"):

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 from dataset_fixtures import (TOLERANCE, TruthFrame, TruthScene, build, check_images,
-                              geometry_error, render_truth, scene_records)
+                              geometry_error, render_truth, scene_records, write_jpeg)
 
 from distill3r.data.sources.co3d import camera_from_viewpoint
 
@@ -49,17 +49,6 @@ def viewpoint(frame: TruthFrame, fmt: str, pose: str = "pytorch3d") -> dict:
     principal = (half - (K[:2, 2] + 0.5)) / s
     return {"R": R.tolist(), "T": T.tolist(), "focal_length": focal.tolist(),
             "principal_point": principal.tolist(), "intrinsics_format": fmt}
-
-
-def write_jpeg(path: Path, image: np.ndarray) -> None:
-    # no chroma subsampling: with cv2's default 4:2:0 the fine 48x64 demo texture of some
-    # scenes loses > 12 grey levels on average (check_images' JPEG bound)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                            [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
-                             cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])
-    assert ok
-    path.write_bytes(data.tobytes())
 
 
 def write_depth(path: Path, depth: np.ndarray) -> None:

@@ -7,12 +7,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import cv2
 import h5py
 import numpy as np
 import pytest
 from dataset_fixtures import (TOLERANCE, TruthScene, build, check_images, geometry_error,
-                              render_truth, scene_records)
+                              render_truth, scene_records, write_jpeg)
 
 from distill3r.data import colmap_model as cm
 from distill3r.data.ordering import chain_order
@@ -33,15 +32,6 @@ def truth(tmp_path_factory) -> list[TruthScene]:
 
 
 # ---------------------------------------------------------------- writers (MegaDepth layout)
-
-def write_jpeg(path: Path, image: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                            [cv2.IMWRITE_JPEG_QUALITY, 95, cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
-                             cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])
-    assert ok
-    path.write_bytes(data.tobytes())
-
 
 def write_h5(path: Path, depth: np.ndarray, dataset: str = "depth") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
