@@ -145,7 +145,8 @@ def _skip(report: dict, dataset: str, scene: str, path, reason: str) -> None:
                               "reason": reason})
 
 
-def _collect(params: DataParams, report: dict) -> tuple[list[Source], list[tuple[Source, Scene]]]:
+def _collect(params: DataParams, report: dict,
+             progress: bool = False) -> tuple[list[Source], list[tuple[Source, Scene]]]:
     """The sources, and the scenes kept after sampling and the min_frames rule as
     ``(source, scene)``."""
     sources: list[Source] = []
@@ -154,7 +155,7 @@ def _collect(params: DataParams, report: dict) -> tuple[list[Source], list[tuple
     for i, src_params in enumerate(params.sources):
         source = make_source(src_params, f"data.sources[{i}]")
         sources.append(source)
-        scenes = source.scenes()
+        scenes = source.scenes(progress)
         for skipped in source.skipped:
             report["skipped"].append({"dataset": source.name, **skipped})
         stats = {"kind": source.kind, "root": str(source.root),
@@ -190,7 +191,7 @@ def build_manifest(params: DataParams, out_csv: str | Path, images_dir: str | Pa
     images_dir = Path(images_dir)
     images_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing is resized
     report: dict = {"datasets": {}, "skipped": [], "warnings": []}
-    sources, kept = _collect(params, report)
+    sources, kept = _collect(params, report, progress)
     prepared: list[tuple[Source, Scene, list[FrameRecord]]] = []
     resized = 0
     for source, scene in tqdm(kept, desc="manifest", unit="scene", disable=not progress):

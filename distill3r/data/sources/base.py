@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+from tqdm import tqdm
 
 from distill3r.config import SourceParams, from_dict
 from distill3r.data.io import read_depth
@@ -132,7 +133,7 @@ class Source(ABC):
         log.warning("%s: scene %s skipped: %s", path, name, reason)
         self.skipped.append({"scene": name, "path": str(path), "reason": reason})
 
-    def scenes(self) -> list[Scene]:
+    def scenes(self, progress: bool = False) -> list[Scene]:
         """Readable scenes sorted by name, frames sorted by index; unreadable ones are in
         ``self.skipped``. Raises only if the root is missing or nothing was found at all."""
         if not self.root.is_dir():
@@ -144,7 +145,7 @@ class Source(ABC):
         if dupes:
             raise ValueError(f"{self.root}: duplicate scene names {dupes[:5]}")
         scenes = []
-        for ref in refs:
+        for ref in tqdm(refs, desc=f"read {self.name}", unit="scene", disable=not progress):
             try:
                 scene = self.read_scene(ref)
                 check_scene(scene)
