@@ -21,7 +21,6 @@ images (ties: the first image's).
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -38,7 +37,7 @@ from distill3r.devices import autocast, bf16_supported, parse_dtype, resolve_dev
 from distill3r.evaluation.metrics import subsample_indices
 from distill3r.evaluation.poses import estimate_focal, intrinsics, pnp_poses, procrustes_poses
 from distill3r.export import write_ply, write_preview
-from distill3r.jsonio import write_json
+from distill3r.jsonio import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -213,10 +212,9 @@ def estimate_cameras(pred: dict[str, np.ndarray], keep: np.ndarray, reprojection
 def checkpoint_fingerprint(checkpoint: str | Path) -> str | None:
     """The weights fingerprint recorded in the checkpoint's ``config.json`` (None if absent)."""
     try:
-        meta = json.loads((Path(checkpoint) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        return read_json(Path(checkpoint) / "config.json").get("sha256")
+    except ValueError:  # missing or not a JSON object: no fingerprint to report
         return None
-    return meta.get("sha256") if isinstance(meta, dict) else None
 
 
 def reconstruct_scene(model: torch.nn.Module, scene: Scene, output_dir: str | Path,

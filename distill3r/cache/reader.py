@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from distill3r.cache.schema import FORMAT, INDEX_NAME, decode_sample, read_json
+from distill3r.cache.schema import FORMAT, INDEX_NAME, decode_sample, read_json_or_none
 from distill3r.data.sampling import stable_seed
 
 __all__ = ["read_index", "list_shards", "cache_dataset", "collate_samples", "check_compatible",
@@ -35,7 +35,7 @@ class CorruptShardError(ValueError):
 def read_index(split_dir: str | Path) -> dict:
     """``<split_dir>/index.json`` (``ValueError`` naming the file if missing or invalid)."""
     path = Path(split_dir) / INDEX_NAME
-    index = read_json(path)
+    index = read_json_or_none(path)
     if index is None:
         raise ValueError(f"{path}: cache index missing or unreadable (run the cache stage)")
     if index.get("format") != FORMAT or not isinstance(index.get("shards"), list):

@@ -103,7 +103,7 @@ def encode_sample(key: str, teacher_out: TeacherOutput, images: np.ndarray,
     return sample
 
 
-def read_json(path) -> dict | None:
+def read_json_or_none(path) -> dict | None:
     """A JSON file's content, or None if missing or invalid."""
     try:
         with open(path) as f:

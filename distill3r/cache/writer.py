@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from distill3r import __version__
-from distill3r.cache.schema import (FORMAT, INDEX_NAME, encode_sample, read_json,
+from distill3r.cache.schema import (FORMAT, INDEX_NAME, encode_sample, read_json_or_none,
                                     sample_nbytes_bound)
 from distill3r.config import CacheParams, to_dict
 from distill3r.data.io import read_depth, read_image, resize_crop
@@ -191,7 +191,7 @@ def _locked_by_someone(folder: Path) -> bool:
 
 
 def _split_done(out: Path, split: str, fingerprint: str) -> bool:
-    index = read_json(out / split / INDEX_NAME)
+    index = read_json_or_none(out / split / INDEX_NAME)
     return bool(index) and index.get("fingerprint") == fingerprint and all(
         (out / split / s["name"]).is_file() for s in index.get("shards", []))
 

@@ -182,14 +182,11 @@ class ScannetppSource(Source):
 
 
 def _load_json(path: Path, what: str, scene: str) -> dict:
-    """``jsonio.read_json`` with the scene in the message; also turns what it lets through on
-    malformed files (read errors, JSON nested deeper than the recursion limit) into ValueError."""
+    """``jsonio.read_json`` with the scene in the message."""
     try:
         return read_json(path, what)
     except ValueError as exc:
         raise ValueError(f"{exc} (scene {scene})") from exc
-    except (OSError, RecursionError) as exc:
-        raise ValueError(f"{path}: unreadable {what}: {exc} (scene {scene})") from exc
 
 
 def _list(meta: dict, key: str, path: Path, scene: str) -> list:
