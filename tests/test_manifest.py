@@ -121,6 +121,26 @@ def test_resize_scales_K_and_depth_consistently(demo_root, tmp_path):
             assert (err < 0.02) == ok, (r.scene, r.frame, err)
 
 
+def test_interrupted_rebuild_keeps_the_written_files_whole(demo_root, tmp_path, monkeypatch):
+    import distill3r.data.build as build
+
+    params = data_params(demo_root, resize_max=SIZE // 3)
+    build_manifest(params, tmp_path / "m.csv", tmp_path / "images")
+    before = {p: p.read_bytes() for p in (tmp_path / "images").rglob("*") if p.is_file()}
+
+    def dies_midway(path, depth):
+        Path(path).write_bytes(b"half a PNG")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "write_depth_png", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        build_manifest(params, tmp_path / "m.csv", tmp_path / "images")
+    after = {p: p.read_bytes() for p in (tmp_path / "images").rglob("*") if p.is_file()}
+    assert after == before  # no half-written file, no temporary left behind
+    for r in read_manifest(tmp_path / "m.csv"):
+        assert read_depth(r.depth).shape == (32, 32)
+
+
 def test_images_source_sorted_warned_and_resized(tmp_path, caplog):
     root = make_images(tmp_path / "photos", {"kitchen": ["b.png", "a.jpg", "notes.txt", "c.png"],
                                              "hall": ["0.png", "1.png"]}, size=(60, 100))
