@@ -10,12 +10,12 @@ Points are in view 0's camera frame (OpenCV: x right, y down, z forward).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from distill3r.atomic import replacing
 from distill3r.data.io import write_image
 from distill3r.geometry import invert_pose, project, transform_points
 
@@ -52,12 +52,9 @@ def write_ply(path: str | Path, points: np.ndarray, colors: np.ndarray | None = 
     if colors is not None:
         header += ["property uchar red", "property uchar green", "property uchar blue"]
     header.append("end_header")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with replacing(path) as tmp, open(tmp, "wb") as fh:
         fh.write(("\n".join(header) + "\n").encode("ascii"))
         fh.write(data.tobytes())
-    os.replace(tmp, path)
 
 
 def _parse_ply_header(fh, path: Path) -> tuple[str, int, list[tuple[str, str]]]:

@@ -7,9 +7,10 @@ interrupted run leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from distill3r.atomic import replacing
 
 
 def read_json(path: str | Path, what: str = "JSON file", hint: str = "") -> dict:
@@ -33,15 +34,7 @@ def write_json(path: str | Path, obj: Any, indent: int | None = 2, sort_keys: bo
                allow_nan: bool = True) -> Path:
     """Write ``obj`` as JSON (newline-terminated) through a temporary file and a rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan) + "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing(path, fsync=True) as tmp:
+        tmp.write_text(text)
     return path

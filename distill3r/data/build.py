@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from distill3r.atomic import replacing
 from distill3r.config import DataParams
 from distill3r.data.io import read_image, resize_crop, write_depth_png, write_image
 from distill3r.data.manifest import FrameRecord, write_manifest
@@ -108,28 +108,17 @@ def prepare_frame(source: Source, split: str, scene: Scene, frame: Frame, resize
         s = resize_max / max(h, w)
         size = (max(1, int(round(h * s))), max(1, int(round(w * s))))
         image, record.K, depth = resize_crop(image, size, frame.K, depth)
-        _replace(image_path, lambda tmp: write_image(tmp, image))
+        with replacing(image_path) as tmp:  # the previous manifest may point at this file
+            write_image(tmp, image)
         record.image = image_path.resolve()
     if convert:
-        if depth_suffix == ".npy":
-            _replace(depth_path, lambda tmp: np.save(tmp, depth.astype(np.float32),
-                                                     allow_pickle=False))
-        else:
-            _replace(depth_path, lambda tmp: write_depth_png(tmp, depth))
+        with replacing(depth_path) as tmp:
+            if depth_suffix == ".npy":
+                np.save(tmp, depth.astype(np.float32), allow_pickle=False)
+            else:
+                write_depth_png(tmp, depth)
         record.depth = depth_path.resolve()
     return record, resized
-
-
-def _replace(path: Path, write) -> None:
-    """``write(tmp)`` then rename over ``path``: the previous manifest keeps pointing at a
-    whole file if a rebuild is interrupted. ``tmp`` keeps the suffix (it picks the format)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _prepare_scene(source: Source, split: str, scene: Scene, params: DataParams,

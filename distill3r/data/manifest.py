@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from distill3r.atomic import replacing
+
 COLUMNS = ("dataset", "split", "scene", "frame", "image", "depth", "K", "c2w")
 SPLITS = ("train", "val")
 
@@ -64,8 +66,7 @@ def write_manifest(records: list[FrameRecord], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     base = path.parent.resolve()
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with replacing(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
         for r in records:
@@ -73,7 +74,6 @@ def write_manifest(records: list[FrameRecord], path: str | Path) -> None:
             writer.writerow([r.dataset, r.split, r.scene, int(r.frame),
                              os.path.relpath(Path(r.image).resolve(), base), depth,
                              _fmt(r.K), _fmt(r.c2w)])
-    os.replace(tmp, path)
 
 
 def read_manifest(path: str | Path) -> list[FrameRecord]:
