@@ -4,6 +4,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -157,6 +158,86 @@ def test_custom_class_in_args_is_named(tmp_path):
 def test_missing_or_garbage_file(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         read_dune_checkpoint(tmp_path / "nope.pth")
-    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pth"):
-        read_dune_checkpoint(tmp_path / "junk.pth")
+    for name, data in (("junk.pth", b"not a checkpoint"), ("zeros.pth", bytes(300)),
+                       ("text.pth", b"hello world garbage" * 10)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=f"{name}: not a readable torch checkpoint"):
+            read_dune_checkpoint(tmp_path / name)
+
+
+def _upstream_args(**extra) -> argparse.Namespace:
+    """``args`` as upstream training saves it: plain options plus numpy schedules."""
+    return argparse.Namespace(
+        arch="vit_small", lr=1e-4, teachers=["dino2", "mast3r"], sizes={"a": 448},
+        lr_schedule=np.linspace(1e-4, 1e-6, 50), momentum_schedule=np.full(50, 0.996, np.float32),
+        epoch_steps=np.arange(4, dtype=np.int64), best=np.float64(0.25), **extra)
+
+
+def test_upstream_style_checkpoint_with_numpy_args_loads(dune_state, paper_encoder, tmp_path):
+    wrapped = {f"module.{k}": v for k, v in dune_state.items()}
+    path = _save(wrapped, tmp_path / "dune_upstream.pth", args=_upstream_args())
+    load_dune_encoder(paper_encoder.vit, path)
+    assert torch.equal(paper_encoder.vit.state_dict()["blocks.3.mlp.fc1.bias"],
+                       dune_state["encoder.blocks.0.3.mlp.fc1.bias"])
+
+
+def test_other_class_beside_numpy_args_is_refused_and_never_run(tmp_path):
+    payload = Payload()
+    payload.marker = str(tmp_path / "pwned")
+    path = _save({"encoder.norm.weight": torch.zeros(384)}, tmp_path / "mixed.pth",
+                 args=_upstream_args(extra=Options(), hook=payload))
+    with pytest.raises(ValueError) as info:
+        read_dune_checkpoint(path)
+    message = str(info.value)
+    assert "refused to unpickle" in message and "Options" in message and "pathlib" in message
+    assert "numpy" not in message.split("type(s)")[1].split("(only")[0]
+    assert not (tmp_path / "pwned").exists()
+
+
+def _dinov2_resize(table: np.ndarray, m: int, h: int, w: int) -> np.ndarray:
+    """Independent float64 evaluation of ``F.interpolate(table, scale_factor=((h + 0.1) / m,
+    (w + 0.1) / m), mode="bicubic", align_corners=False, antialias=False)``: Keys' cubic
+    kernel (a = -0.75), source coordinate ``(dst + 0.5) / scale - 0.5``, edge-clamped taps."""
+    def weights(t):
+        a = -0.75
+        x = np.array([1 + t, t, 1 - t, 2 - t])
+        near = ((a + 2) * x - (a + 3)) * x * x + 1
+        far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+        return np.where(x <= 1, near, far)
+
+    def taps(out_len, scale):
+        rows = np.zeros((out_len, m))
+        for d in range(out_len):
+            src = (d + 0.5) / scale - 0.5
+            i0 = int(np.floor(src))
+            for k, wk in zip(range(i0 - 1, i0 + 3), weights(src - i0)):
+                rows[d, min(max(k, 0), m - 1)] += wk
+        return rows
+
+    grid = table.reshape(m, m, -1).astype(np.float64)
+    ry, rx = taps(h, (h + 0.1) / m), taps(w, (w + 0.1) / m)
+    return np.einsum("ym,xn,mnc->yxc", ry, rx, grid).reshape(h * w, -1)
+
+
+@pytest.mark.parametrize("grid", [(16, 16), (16, 37), (37, 16), (28, 37), (37, 37)])
+def test_position_table_is_resized_the_dune_way(paper_encoder, grid):
+    vit = paper_encoder.vit
+    g = torch.Generator().manual_seed(1)
+    # a non-smooth table (white noise at DINOv2's init scale, std 0.02) shows any difference in
+    # the resampling; torch evaluates it in float32, as upstream does
+    with torch.no_grad():
+        vit.pos_embed.copy_(0.02 * torch.randn(vit.pos_embed.shape, generator=g))
+    h, w = grid
+    tokens = vit._pos_embed(torch.zeros(1, h, w, 384))
+    got = tokens[0, vit.num_prefix_tokens:].detach().double().numpy()
+    want = _dinov2_resize(vit.pos_embed.detach().numpy()[0], 32, h, w)
+    assert got.shape == want.shape == (h * w, 384)
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+
+
+def test_position_table_is_untouched_at_its_own_grid(paper_encoder):
+    vit = paper_encoder.vit
+    tokens = vit._pos_embed(torch.zeros(2, 32, 32, 384))
+    assert torch.equal(tokens[:, vit.num_prefix_tokens:], vit.pos_embed.expand(2, -1, -1))
+    prefix = torch.cat([vit.cls_token, vit.reg_token], dim=1).expand(2, -1, -1)
+    assert torch.equal(tokens[:, :vit.num_prefix_tokens], prefix)

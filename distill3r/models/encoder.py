@@ -3,13 +3,21 @@
 For the ``paper`` config this is the ``vit_small_patch14_reg4_dinov2`` layout at 448 px
 (32x32 learned position grid, 4 registers, ``no_embed_class``, LayerScale, qkv bias), so DUNE
 weights load into ``Encoder.vit`` after :func:`distill3r.models.dune.dune_to_timm`. Inputs are
-RGB in [0, 1]; ImageNet mean/std normalisation happens here. ``dynamic_img_size`` resamples the
-position grid bicubically to any input grid.
+RGB in [0, 1]; ImageNet mean/std normalisation happens here.
+
+Position table resizing follows DUNE exactly (it uses DINOv2's ``interpolate_pos_encoding``,
+facebookresearch/dinov2 ``dinov2/models/vision_transformer.py``, with ``interpolate_offset=0.1``
+and ``interpolate_antialias=False``): for a patch grid ``(h, w)`` different from the table's
+``(M, M)``, ``F.interpolate(table, scale_factor=((h + 0.1) / M, (w + 0.1) / M),
+mode="bicubic", antialias=False)`` computed in float32; the table is used as it is when the grid
+equals it. timm's own ``dynamic_img_size`` resampling (bicubic to the target size, with
+antialiasing) gives different numbers, so it is replaced here (:func:`resize_pos_table`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
@@ -17,6 +25,41 @@ from distill3r.models.configs import StudentConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATE_OFFSET = 0.1
+
+
+def resize_pos_table(table: torch.Tensor, table_hw: tuple[int, int],
+                     grid_hw: tuple[int, int]) -> torch.Tensor:
+    """Patch position table ``[1, M0*M1, C]`` (row-major ``(M0, M1)`` grid) resized to
+    ``grid_hw=(h, w)`` the DUNE/DINOv2 way (see the module docstring) -> ``[1, h*w, C]`` in the
+    table's dtype. Returns ``table`` itself when the grid equals the table's."""
+    (m0, m1), (h, w) = table_hw, grid_hw
+    if (h, w) == (m0, m1):
+        return table
+    c = table.shape[-1]
+    grid = table.float().reshape(1, m0, m1, c).permute(0, 3, 1, 2)
+    out = F.interpolate(grid, scale_factor=((h + INTERPOLATE_OFFSET) / m0,
+                                            (w + INTERPOLATE_OFFSET) / m1),
+                        mode="bicubic", antialias=False)
+    assert out.shape[-2:] == (h, w), (out.shape, h, w)
+    return out.permute(0, 2, 3, 1).reshape(1, h * w, c).to(table.dtype)
+
+
+class DuneViT(VisionTransformer):
+    """timm ``VisionTransformer`` (same parameters and state-dict keys) whose learned position
+    table is resized with :func:`resize_pos_table` for every input grid."""
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        # dynamic_img_size makes the patch embedding return [B, h, w, C]
+        if self.pos_embed is None or not self.no_embed_class:
+            return super()._pos_embed(x)
+        b, h, w, c = x.shape
+        pos = resize_pos_table(self.pos_embed, tuple(self.patch_embed.grid_size), (h, w))
+        x = x.reshape(b, h * w, c) + pos
+        prefix = [t.expand(b, -1, -1) for t in (self.cls_token, self.reg_token) if t is not None]
+        if prefix:
+            x = torch.cat(prefix + [x], dim=1)
+        return self.pos_drop(x)
 
 
 class Encoder(nn.Module):
@@ -26,7 +69,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: StudentConfig) -> None:
         super().__init__()
         self.patch_size = cfg.patch_size
-        self.vit = VisionTransformer(
+        self.vit = DuneViT(
             img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0, global_pool="",
             fc_norm=False, embed_dim=cfg.enc_dim, depth=cfg.enc_depth, num_heads=cfg.enc_heads,
             mlp_ratio=cfg.enc_mlp_ratio, qkv_bias=True, init_values=cfg.enc_layerscale,
