@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from distill3r.config import InferParams
-from distill3r.data.io import fit_size, read_image, write_image
+from distill3r.data.io import read_image, write_image
+from distill3r.data.view import fit_size
 from distill3r.export import read_ply
 from distill3r.inference import (find_scenes, load_views, predict, run_inference,
                                  select_points)

@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from distill3r.data import io
+from distill3r.data import io, view
 from distill3r.geometry import depth_to_camera_points, project
 
 
@@ -33,25 +33,29 @@ def test_resize_crop_keeps_geometry(src, dst):
     K = np.array([[70.0, 0, (w - 1) / 2 + 1.3], [0, 70.0, (h - 1) / 2 - 0.7], [0, 0, 1]])
     depth = np.full((h, w), 2.0)
     img = np.zeros((h, w, 3), np.uint8)
-    out, K2, d2 = io.resize_crop(img, dst, K, depth)
+    out, K2, d2 = view.resize_crop(img, dst, K, depth)
     assert out.shape[:2] == dst and d2.shape == dst
     # pixel centres of the output back-projected with K2 must project into the input with K
     pts = depth_to_camera_points(d2, K2)
     u, v, _ = project(pts, K)
+    # the crop box: the centred box of the target's aspect, in whole source pixels
     s = max(dst[0] / h, dst[1] / w)
-    x0 = (round(w * s) - dst[1]) // 2
-    y0 = (round(h * s) - dst[0]) // 2
+    bw, bh = min(w, round(dst[1] / s)), min(h, round(dst[0] / s))
+    x0, y0 = (w - bw) // 2, (h - bh) // 2
     uu, vv = np.meshgrid(np.arange(dst[1]), np.arange(dst[0]))
-    assert np.allclose(u, (uu + x0 + 0.5) / (round(w * s) / w) - 0.5, atol=1e-6)
-    assert np.allclose(v, (vv + y0 + 0.5) / (round(h * s) / h) - 0.5, atol=1e-6)
+    assert np.allclose(u, x0 + (uu + 0.5) * bw / dst[1] - 0.5, atol=1e-6)
+    assert np.allclose(v, y0 + (vv + 0.5) * bh / dst[0] - 0.5, atol=1e-6)
+    tf = view.ViewTransform.cover((h, w), dst)
+    assert np.allclose(np.stack(tf.to_source(uu, vv)), np.stack([u, v]), atol=1e-6)
+    assert np.allclose(np.stack(tf.to_output(u, v)), np.stack([uu, vv]), atol=1e-6)
     assert np.isclose(K2[0, 0] / K2[1, 1], K[0, 0] / K[1, 1], rtol=0.05)  # no stretch
 
 
 def test_fit_size_keeps_orientation():
-    assert io.fit_size(480, 640, 112, 14) == (84, 112)
-    assert io.fit_size(640, 480, 112, 14) == (112, 84)
+    assert view.fit_size(480, 640, 112, 14) == (84, 112)
+    assert view.fit_size(640, 480, 112, 14) == (112, 84)
     with pytest.raises(ValueError):
-        io.fit_size(0, 10, 112, 14)
+        view.fit_size(0, 10, 112, 14)
 
 
 @pytest.mark.parametrize("factor", [2, 3])
@@ -64,7 +68,7 @@ def test_resized_depth_stays_on_the_surface(factor):
     rays = np.stack([(uu - K[0, 2]) / K[0, 0], (vv - K[1, 2]) / K[1, 1], np.ones_like(uu, float)], -1)
     depth = d0 / (rays @ n)
     depth[: H // 3, : W // 3] = 0  # an invalid corner must stay invalid, not be smeared
-    _, K2, d2 = io.resize_crop(np.zeros((H, W, 3), np.uint8), (42, 56), K, depth)
+    _, K2, d2 = view.resize_crop(np.zeros((H, W, 3), np.uint8), (42, 56), K, depth)
     pts = depth_to_camera_points(d2, K2)
     ok = d2 > 0
     assert ok.mean() > 0.8

@@ -8,11 +8,12 @@ from boxroom import camera, random_scene, render_view
 from scipy.spatial.transform import Rotation
 
 from distill3r.config import TeacherParams
-from distill3r.data.io import resize_crop, write_image
+from distill3r.data.io import write_image
+from distill3r.data.view import resize_crop
 from distill3r.geometry import invert_pose, transform_points
 from distill3r.teachers import TeacherInput, get_teacher
-from distill3r.teachers.fast3r import (CoverCrop, Fast3RTeacher, align_local_to_global,
-                                       disable_attn_bias, fast3r_precision, parse_predictions,
+from distill3r.teachers.fast3r import (Fast3RTeacher, align_local_to_global, disable_attn_bias,
+                                       fast3r_precision, parse_predictions, plan_view,
                                        preprocess_image)
 from distill3r.teachers.groundtruth import GroundTruthTeacher
 
@@ -208,20 +209,21 @@ def test_fast3r_same_field_of_view():
     source = np.stack([u / w * 255, v / h * 255, 128 + 0 * u], -1).astype(np.uint8)
     for cache_hw in [(28, 42), (28, 28), (42, 28)]:
         cache_img, K_cache, _ = resize_crop(source, cache_hw, K=np.eye(3))
-        img, geo = preprocess_image(source, cache_hw, long_side=64)
-        assert img.shape[0] == 3 and img.shape[1] % 16 == 0 and img.shape[2] % 16 == 0
+        view = plan_view(source.shape[:2], cache_hw, long_side=64)
+        img = preprocess_image(source, view)
+        assert img.shape[0] == 3 and img.shape[1] % 16 == 0 and img.shape[2] == 64
         assert img.min() >= -1 and img.max() <= 1
-        mx, my = geo.cache_to_teacher(*cache_hw)
+        mx, my = view.cache_to_teacher()
         teacher_rgb = ((img.transpose(1, 2, 0) + 1) * 127.5).astype(np.float32)
         back = cv2.remap(teacher_rgb, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
         hf, wf = img.shape[1:]
         inside = (mx >= -0.5) & (mx <= wf - 0.5) & (my >= -0.5) & (my <= hf - 0.5)
         assert inside.mean() > 0.9
+        assert view.transposed == (cache_hw[0] > cache_hw[1])  # portrait: transposed input
         err = np.abs(back[..., :2] - cache_img[..., :2].astype(np.float32))[inside]
         assert err.max() < 4.0, (cache_hw, err.max())
         # the cache transform is resize_crop's: principal point maps like K does
-        cc = CoverCrop.fit(h, w, *cache_hw)
-        x, y = cc.to_output(np.float64(0.0), np.float64(0.0))
+        x, y = view.cache.to_output(np.float64(0.0), np.float64(0.0))
         assert abs(x - K_cache[0, 2]) < 1e-9 and abs(y - K_cache[1, 2]) < 1e-9
 
 

@@ -37,7 +37,8 @@ from distill3r import __version__
 from distill3r.cache.schema import (FORMAT, INDEX_NAME, encode_sample, read_json_or_none,
                                     sample_nbytes_bound)
 from distill3r.config import CacheParams, to_dict
-from distill3r.data.io import read_depth, read_image, resize_crop
+from distill3r.data.io import read_depth, read_image
+from distill3r.data.view import resize_crop
 from distill3r.data.manifest import SPLITS, group_scenes, read_manifest
 from distill3r.data.sampling import SamplingRule, ViewSample, dataset_rules, sample_scenes
 from distill3r.jsonio import write_json

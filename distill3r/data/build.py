@@ -6,7 +6,7 @@ Steps, all deterministic:
 2. ``sample_frac`` keeps a stable, hash-chosen subset of each source's scenes;
 3. scenes with fewer than ``min_frames`` frames are reported and skipped;
 4. images whose long edge exceeds ``resize_max`` are resized (aspect kept) into
-   ``images_dir/<dataset>/<scene>/`` with ``K`` scaled and depth resampled (``io.resize_crop``);
+   ``images_dir/<dataset>/<scene>/`` with ``K`` scaled and depth resampled (``view.resize_crop``);
    smaller images are referenced in place. Every image is decoded once to check it; depth
    in a dataset's own encoding is converted to ``.npy`` metres there too. A scene with an
    unreadable image or a depth map of the wrong size is skipped whole and reported;
@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from distill3r.atomic import replacing
 from distill3r.config import DataParams
-from distill3r.data.io import read_image, resize_crop, write_depth_png, write_image
+from distill3r.data.io import read_image, write_depth_png, write_image
+from distill3r.data.view import resize_crop
 from distill3r.data.manifest import FrameRecord, write_manifest
 from distill3r.data.sources import Frame, Scene, SkipFrame, Source, make_source
 from distill3r.jsonio import write_json

@@ -1,8 +1,6 @@
-"""Image and depth files, and the one resize rule of the project.
+"""Image and depth files: reading (with clear errors naming the file) and writing.
 
-Resize rule (DESIGN.md): never stretch. ``resize_crop`` scales an image uniformly so that it
-covers the target size, then centre-crops; intrinsics and depth follow exactly the same
-transform. Target sizes are multiples of the patch size (``fit_size``).
+Resizing views lives in :mod:`distill3r.data.view`.
 """
 
 from __future__ import annotations
@@ -98,67 +96,3 @@ def write_depth_png(path: str | Path, depth: np.ndarray, scale: float = DEPTH_PN
     units[~np.isfinite(units) | (units > 65535) | (units < 0)] = 0
     if not cv2.imwrite(str(path), units.astype(np.uint16)):
         raise ValueError(f"{path}: could not write depth")
-
-
-def fit_size(height: int, width: int, long_side: int, multiple: int) -> tuple[int, int]:
-    """Target ``(H, W)`` with the long side ``long_side`` and the input's aspect, both rounded
-    to multiples of ``multiple`` (at least one patch). Portrait stays portrait."""
-    if height <= 0 or width <= 0:
-        raise ValueError(f"invalid image size {height}x{width}")
-    scale = long_side / max(height, width)
-    h = max(multiple, int(round(height * scale / multiple)) * multiple)
-    w = max(multiple, int(round(width * scale / multiple)) * multiple)
-    return h, w
-
-
-def _resize_depth(depth: np.ndarray, size_wh: tuple[int, int], max_jump: float = 0.05) -> np.ndarray:
-    """Resample depth at the output pixel centres without inventing surfaces.
-
-    Inverse depth is affine in pixel coordinates on a plane, so bilinear interpolation of
-    ``1/depth`` is exact on planar patches; where the neighbourhood holds invalid pixels or a
-    depth jump larger than ``max_jump`` (relative), the nearest sample is kept instead, so no
-    points float between foreground and background.
-    """
-    valid = depth > 0
-    inv = np.where(valid, 1.0 / np.where(valid, depth, 1.0), 0.0).astype(np.float32)
-    inv_lin = cv2.resize(inv, size_wh, interpolation=cv2.INTER_LINEAR)
-    cover = cv2.resize(valid.astype(np.float32), size_wh, interpolation=cv2.INTER_LINEAR)
-    nearest = cv2.resize(depth, size_wh, interpolation=cv2.INTER_NEAREST_EXACT)
-    smooth = (cover > 0.999) & (inv_lin > 0)
-    lin = np.where(smooth, 1.0 / np.where(smooth, inv_lin, 1.0), 0.0)
-    ok = smooth & (np.abs(lin - nearest) <= max_jump * np.maximum(nearest, 1e-9))
-    return np.where(ok, lin, nearest).astype(np.float32)
-
-
-def resize_crop(image: np.ndarray, size: tuple[int, int], K: np.ndarray | None = None,
-                depth: np.ndarray | None = None):
-    """Scale uniformly to cover ``size=(H, W)`` then centre-crop; never stretches.
-
-    Args:
-        image: ``[h,w,C]`` uint8.
-        K: ``[3,3]`` intrinsics of ``image`` (pixel centres at integer coordinates), or None.
-        depth: ``[h,w]`` depth (resized with nearest neighbour so no depths are invented).
-    Returns:
-        ``(image [H,W,C], K' or None, depth' or None)``.
-    """
-    H, W = size
-    h, w = image.shape[:2]
-    s = max(H / h, W / w)
-    nh, nw = max(H, int(round(h * s))), max(W, int(round(w * s)))
-    sx, sy = nw / w, nh / h  # exact per-axis factors after rounding (differ by < 1 px)
-    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR
-    resized = cv2.resize(image, (nw, nh), interpolation=interp)
-    x0, y0 = (nw - W) // 2, (nh - H) // 2
-    out = resized[y0:y0 + H, x0:x0 + W]
-    K_out = None
-    if K is not None:
-        K_out = np.asarray(K, np.float64).copy()
-        # pixel centre convention: u' = (u + 0.5) * sx - 0.5 - x0
-        K_out[0, 0] *= sx
-        K_out[1, 1] *= sy
-        K_out[0, 2] = (K_out[0, 2] + 0.5) * sx - 0.5 - x0
-        K_out[1, 2] = (K_out[1, 2] + 0.5) * sy - 0.5 - y0
-    d_out = None
-    if depth is not None:
-        d_out = _resize_depth(np.asarray(depth, np.float32), (nw, nh))[y0:y0 + H, x0:x0 + W]
-    return np.ascontiguousarray(out), K_out, (None if d_out is None else np.ascontiguousarray(d_out))

@@ -1,31 +1,41 @@
-"""Fast3R teacher adapter (REFERENCE section 3). The ``fast3r`` package is imported lazily.
+"""Fast3R teacher adapter. The ``fast3r`` package is imported lazily.
 
-Pipeline for one sample of N views (cache resolution ``(H, W)``, Fast3R long side ``S``=512):
-1. each source image is cropped to the region the cache image covers (the cache aspect; the
-   same cover + centre-crop rule as ``distill3r.data.io.resize_crop``, rounded to whole source
-   pixels), then resized with the same rule to ``(Hf, Wf) = fit_size(H, W, S, 16)`` and
-   normalised to [-1, 1] (mean = std = 0.5): teacher and student see the same field of view;
+Pipeline for one sample of N views (cache resolution ``(H, W)``, Fast3R long side ``S`` =
+``teacher.image_size``, 512 for the released weights):
+
+1. Input. Upstream's ``load_images(size=512)`` never gives a square image and Fast3R was trained
+   on landscape 512 x {384, 336, 288, 256, 160}, so every view is handed over landscape, width
+   ``S``, with a height whose aspect lies in that range (:func:`choose_teacher_crop`): the crop
+   of the source that covers the cache view (the region :class:`ViewTransform.cover` keeps),
+   preferring the training sizes and then the tightest crop; where no such crop can cover the
+   cache view (a square cache of a square source), the one covering most of it. A portrait
+   cache view is handled as upstream's datasets handle portrait images: the source is
+   transposed to landscape and ``true_shape`` is the portrait ``(height, width)`` when the
+   model's patch embedding is ``ManyAR_PatchEmbed`` (which transposes it back); with a plain
+   patch embedding the network sees the transposed image as it is, ``true_shape`` is the
+   tensor's shape and the points' x/y are swapped back (:func:`to_input_layout`). All views of
+   a sample share one input size. Pixels are normalised to [-1, 1] (mean = std = 0.5).
 2. ``torch.manual_seed`` (seed from ``teacher.seed`` and the sample key) right before the
    forward: it fixes the random image-index embedding Fast3R draws at every forward (the draw
-   also adds the torch.distributed rank, so cache building never initialises a process group);
-3. ``inference(views, model, device, dtype, verbose=False, profiling=False)``; bf16 passes
-   ``torch.bfloat16`` inside an explicit bf16 autocast (some upstream revisions only map
-   precision strings and would otherwise fall back to the device's default autocast dtype);
-   fp32 passes the string ``"32"``, which disables autocast (``torch.float32`` would not);
-4. global target = each view's local points aligned to its global points by a weighted Umeyama
+   also adds the torch.distributed rank, so cache building never initialises a process group).
+3. ``inference(views, model, device, dtype, verbose=False, profiling=False)``. Precision: bf16
+   passes ``torch.bfloat16`` inside an explicit bf16 autocast; fp32 passes the string ``"32"``,
+   which disables Fast3R's own autocast (``torch.float32`` would not). Even then upstream's
+   attention (croco ``models/blocks.py``) wraps itself in ``torch.autocast("cuda",
+   dtype=torch.bfloat16)`` unconditionally, so on a GPU attention runs in bf16 whatever
+   ``teacher.dtype`` says; only the rest of the network is fp32 with ``fp32``.
+4. Global target = each view's local points aligned to its global points by a weighted Umeyama
    sim(3) on the view's top-15% global-confidence pixels (weights = confidence); local target =
-   the raw local points;
-5. every map is resampled to the cache grid through the exact pixel mapping of steps 1 (cache
-   pixel -> source -> Fast3R pixel; bilinear, never stretched). When ``(Hf, Wf)`` (multiples of
-   16) and ``(H, W)`` (multiples of 14) differ slightly in aspect, the Fast3R image trims at most
-   half a 16-px step per side: cache pixels outside its view are masked. The crop box rounding
-   (< 1 source pixel) is part of the mapping, so the remaining difference is interpolation only;
+   the raw local points.
+5. Every map is resampled to the cache grid through the exact pixel mapping (cache pixel ->
+   source -> teacher input pixel, bilinear). Cache pixels outside the teacher's view are
+   masked, never extrapolated.
 6. mask = inside & conf_global > conf_threshold & conf_local > conf_threshold (conf >= 1).
 
-Checks only a real GPU run can make (the conversion below is tested with a stand-in module):
-loading the released checkpoint; the output keys/shapes of the installed revision; that bf16 and
-fp32 really run in that precision on CUDA; run-to-run determinism of CUDA kernels (seeding fixes
-the image indices only); memory and speed at ``views_per_sample``; target quality vs ground truth.
+Checks only a real GPU run can make (the conversion below is tested with stand-in modules of
+both patch-embedding kinds): loading the released checkpoint; the output keys/shapes of the
+installed revision; run-to-run determinism of CUDA kernels (seeding fixes the image indices
+only); memory and speed at ``views_per_sample``; target quality against ground truth.
 """
 
 from __future__ import annotations
@@ -41,13 +51,17 @@ import cv2
 import numpy as np
 
 from distill3r.config import TeacherParams, to_dict
-from distill3r.data.io import fit_size, read_image
+from distill3r.data.io import read_image
+from distill3r.data.view import ViewTransform
 from distill3r.data.sampling import stable_seed
 from distill3r.geometry import umeyama
 from distill3r.teachers.base import Teacher, TeacherInput, TeacherOutput, params_digest
 
-VERSION = 1
+VERSION = 2
 PATCH = 16
+# Fast3R's training input heights at width 512 (facebookresearch/fast3r
+# configs/experiment/super_long_training: 512x384, 512x336, 512x288, 512x256, 512x160)
+TRAIN_HEIGHTS_512 = (384, 336, 288, 256, 160)
 TOP_FRACTION = 0.15
 PRED_KEYS = ("pts3d_in_other_view", "conf", "pts3d_local", "conf_local")
 INSTALL_HINT = ("teacher 'fast3r' needs the Fast3R package, which is not on PyPI: on a GPU "
@@ -62,96 +76,149 @@ def fast3r_precision(dtype: str) -> Any:
     if dtype == "bf16":
         return torch.bfloat16
     if dtype == "fp32":
-        return "32"  # true fp32: torch.float32 still runs under autocast (REFERENCE pitfall 2)
+        return "32"  # torch.float32 would still run under Fast3R's autocast
     raise ValueError(f"teacher.dtype must be 'bf16' or 'fp32' for fast3r, got {dtype!r}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Pixel geometry
 # ---------------------------------------------------------------------------------------------
+def _teacher_heights(long_side: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(training heights, other allowed heights)`` of a landscape Fast3R input whose width is
+    ``long_side``: multiples of 16 with an aspect inside the training range."""
+    train = tuple(dict.fromkeys(max(PATCH, int(round(long_side * t / 512 / PATCH)) * PATCH)
+                                for t in TRAIN_HEIGHTS_512))
+    lo, hi = long_side * min(TRAIN_HEIGHTS_512) / 512, long_side * max(TRAIN_HEIGHTS_512) / 512
+    others = tuple(t for t in range(PATCH, long_side, PATCH)
+                   if lo - 1e-9 <= t <= hi + 1e-9 and t not in train)
+    return train, others
+
+
+def _crop_for(height: int, long_side: int, src_hw: tuple[int, int],
+              box: tuple[int, int, int, int]) -> tuple[float, float, float, float]:
+    """The smallest crop of aspect ``long_side / height`` around ``box`` (centred, moved
+    inside the source), shrunk to fit the source where it cannot cover the box:
+    ``(x0, y0, width, height)`` in source pixels (continuous)."""
+    h, w = src_hw
+    bx0, by0, bx1, by1 = box
+    aspect = long_side / height
+    cw = max(bx1 - bx0, aspect * (by1 - by0))
+    ch = cw / aspect
+    fit = min(1.0, w / cw, h / ch)
+    cw, ch = cw * fit, ch * fit
+    x0 = min(max((bx0 + bx1) / 2 - cw / 2, 0.0), w - cw)
+    y0 = min(max((by0 + by1) / 2 - ch / 2, 0.0), h - ch)
+    return x0, y0, cw, ch
+
+
+def choose_teacher_crop(src_hw: tuple[int, int], box: tuple[int, int, int, int],
+                        long_side: int, heights: tuple[int, ...] | None = None
+                        ) -> tuple[int, tuple[int, int, int, int]]:
+    """Pick the landscape teacher input for a (landscape) cache ``box`` of a source.
+
+    Preference: the largest share of the box covered; then one of Fast3R's training sizes;
+    then the tightest crop (most teacher pixels on the cache view). ``heights`` restricts the
+    candidate input heights (all views of a sample share one input size). Returns ``(height,
+    (x0, y0, x1, y1))``, the crop in whole source pixels (rounded outwards, inside the source).
+    """
+    h, w = src_hw
+    bx0, by0, bx1, by1 = box
+    train, others = _teacher_heights(long_side)
+    best, best_key = None, None
+    for height in heights or train + others:
+        x0, y0, cw, ch = _crop_for(height, long_side, src_hw, box)
+        overlap = (max(0.0, min(x0 + cw, bx1) - max(x0, bx0))
+                   * max(0.0, min(y0 + ch, by1) - max(y0, by0)))
+        coverage = round(overlap / ((bx1 - bx0) * (by1 - by0)), 6)
+        key = (coverage, height in train, -cw * ch, height)
+        if best_key is None or key > best_key:
+            best, best_key = (height, (x0, y0, cw, ch)), key
+    height, (x0, y0, cw, ch) = best
+    crop = (max(0, math.floor(x0 + 1e-6)), max(0, math.floor(y0 + 1e-6)),
+            min(w, math.ceil(x0 + cw - 1e-6)), min(h, math.ceil(y0 + ch - 1e-6)))
+    return height, crop
+
+
 @dataclass(frozen=True)
-class CoverCrop:
-    """``resize_crop``'s transform from an ``(h, w)`` image to ``(H, W)``: scale to ``(nh, nw)``
-    (covering), then crop at ``(x0, y0)``. Pixel centres at integer coordinates."""
+class TeacherView:
+    """How one source image became the Fast3R input, and the way back to the cache grid.
 
-    h: int
-    w: int
-    nh: int
-    nw: int
-    x0: int
-    y0: int
+    ``transposed``: the cache view is portrait, so the teacher input is the transposed source
+    (landscape); ``teacher`` is then a transform of the transposed source."""
 
-    @classmethod
-    def fit(cls, h: int, w: int, H: int, W: int) -> "CoverCrop":
-        s = max(H / h, W / w)
-        nh, nw = max(H, int(round(h * s))), max(W, int(round(w * s)))
-        return cls(h, w, nh, nw, (nw - W) // 2, (nh - H) // 2)
+    cache: ViewTransform  # source -> cache (H, W)
+    teacher: ViewTransform  # (transposed) source -> Fast3R input (Ht, long side), landscape
+    transposed: bool
 
-    def to_input(self, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Output pixel coords -> input pixel coords."""
-        return ((u + self.x0 + 0.5) * self.w / self.nw - 0.5,
-                (v + self.y0 + 0.5) * self.h / self.nh - 0.5)
+    @property
+    def true_shape(self) -> tuple[int, int]:
+        """The view's own ``(height, width)`` as upstream datasets set ``true_shape``: portrait
+        for a transposed view, the input tensor is its landscape transpose."""
+        ht, wt = self.teacher.out_hw
+        return (wt, ht) if self.transposed else (ht, wt)
 
-    def to_output(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Input pixel coords -> output pixel coords."""
-        return ((x + 0.5) * self.nw / self.w - 0.5 - self.x0,
-                (y + 0.5) * self.nh / self.h - 0.5 - self.y0)
+    def cache_to_teacher(self) -> tuple[np.ndarray, np.ndarray]:
+        """float32 ``[H,W]`` maps of Fast3R input-tensor pixel coordinates per cache pixel."""
+        return self.cache.pixel_map_to(self.teacher, transpose=self.transposed)
 
 
-@dataclass(frozen=True)
-class ViewGeometry:
-    """How one source image became the Fast3R input, and how to come back to the cache grid."""
-
-    cache: CoverCrop  # source (h, w) -> cache (H, W)
-    box: tuple[int, int, int, int]  # source crop x0, y0, x1, y1 (cache aspect)
-    teacher: CoverCrop  # crop -> Fast3R input (Hf, Wf)
-
-    def cache_to_teacher(self, H: int, W: int) -> tuple[np.ndarray, np.ndarray]:
-        """float32 ``[H,W]`` maps of Fast3R pixel coordinates for every cache pixel."""
-        v, u = np.meshgrid(np.arange(H, dtype=np.float64), np.arange(W, dtype=np.float64),
-                           indexing="ij")
-        x, y = self.cache.to_input(u, v)
-        x, y = self.teacher.to_output(x - self.box[0], y - self.box[1])
-        return x.astype(np.float32), y.astype(np.float32)
-
-
-def _resize(image: np.ndarray, nh: int, nw: int, interp_up: int = cv2.INTER_CUBIC) -> np.ndarray:
-    down = nh * nw < image.shape[0] * image.shape[1]
-    return cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA if down else interp_up)
+def plan_view(src_hw: tuple[int, int], cache_hw: tuple[int, int], long_side: int,
+              heights: tuple[int, ...] | None = None,
+              transposed: bool | None = None) -> TeacherView:
+    """The teacher input of a source of size ``src_hw`` for a cache view of ``cache_hw``.
+    ``transposed`` defaults to a portrait cache view, or a square one of a portrait source
+    (whose landscape transpose a landscape crop can cover)."""
+    cache = ViewTransform.cover(src_hw, cache_hw)
+    if transposed is None:
+        transposed = cache_hw[0] > cache_hw[1] or (
+            cache_hw[0] == cache_hw[1] and src_hw[0] > src_hw[1])
+    if transposed and cache_hw[0] < cache_hw[1]:
+        raise ValueError(f"a landscape cache view ({cache_hw[0]}x{cache_hw[1]}) is never "
+                         "transposed")
+    x0, y0, x1, y1 = cache.box
+    src, box = (src_hw[::-1], (y0, x0, y1, x1)) if transposed else (src_hw, cache.box)
+    height, crop = choose_teacher_crop(tuple(src), box, long_side, heights)
+    return TeacherView(cache, ViewTransform(tuple(src), crop, (height, long_side)), transposed)
 
 
-def preprocess_image(source: np.ndarray, cache_hw: tuple[int, int],
-                     long_side: int) -> tuple[np.ndarray, ViewGeometry]:
-    """Source RGB uint8 ``[h,w,3]`` -> Fast3R input float32 ``[3,Hf,Wf]`` in [-1,1] + geometry."""
-    h, w = source.shape[:2]
-    H, W = cache_hw
-    cache = CoverCrop.fit(h, w, H, W)
-    # the source region the cache image covers, in pixel-edge coordinates, rounded
-    x0 = int(round(cache.x0 * w / cache.nw))
-    x1 = int(round((cache.x0 + W) * w / cache.nw))
-    y0 = int(round(cache.y0 * h / cache.nh))
-    y1 = int(round((cache.y0 + H) * h / cache.nh))
-    x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
-    crop = source[y0:y1, x0:x1]
-    Hf, Wf = fit_size(H, W, long_side, PATCH)
-    teacher = CoverCrop.fit(y1 - y0, x1 - x0, Hf, Wf)
-    resized = _resize(crop, teacher.nh, teacher.nw)
-    out = resized[teacher.y0:teacher.y0 + Hf, teacher.x0:teacher.x0 + Wf]
+def plan_views(src_sizes: list[tuple[int, int]], cache_hw: tuple[int, int],
+               long_side: int) -> list[TeacherView]:
+    """One :class:`TeacherView` per view, all with the same orientation and input size: what
+    most views choose on their own (ties: the earliest view's)."""
+    def most_common(values: list) -> Any:
+        return max(values, key=lambda x: (values.count(x), -values.index(x)))
+
+    transposed = most_common([plan_view(hw, cache_hw, long_side).transposed for hw in src_sizes])
+    alone = [plan_view(hw, cache_hw, long_side, transposed=transposed) for hw in src_sizes]
+    common = most_common([v.teacher.out_hw[0] for v in alone])
+    return [v if v.teacher.out_hw[0] == common
+            else plan_view(hw, cache_hw, long_side, (common,), transposed)
+            for v, hw in zip(alone, src_sizes)]
+
+
+def preprocess_image(source: np.ndarray, view: TeacherView) -> np.ndarray:
+    """Source RGB uint8 ``[h,w,3]`` -> Fast3R input float32 ``[3,Ht,long_side]`` in [-1,1]
+    (always landscape: a portrait view is transposed)."""
+    src = source.transpose(1, 0, 2) if view.transposed else source
+    out = view.teacher.image(src, upsample=cv2.INTER_CUBIC)
     img = (out.astype(np.float32) / 255.0 - 0.5) / 0.5
-    return np.ascontiguousarray(img.transpose(2, 0, 1)), ViewGeometry(cache, (x0, y0, x1, y1),
-                                                                      teacher)
+    return np.ascontiguousarray(img.transpose(2, 0, 1))
 
 
-def make_views(images: list[np.ndarray]) -> list[dict]:
+def make_views(images: list[np.ndarray], true_shapes: list[tuple[int, int]]) -> list[dict]:
     """Fast3R view dicts (the structure of ``fast3r.dust3r.utils.image.load_images``)."""
     import torch
 
-    views = []
-    for i, img in enumerate(images):
-        _, Hf, Wf = img.shape
-        views.append({"img": torch.from_numpy(img)[None], "true_shape": np.int32([[Hf, Wf]]),
-                      "idx": i, "instance": str(i)})
-    return views
+    return [{"img": torch.from_numpy(img)[None], "true_shape": np.int32([shape]),
+             "idx": i, "instance": str(i)}
+            for i, (img, shape) in enumerate(zip(images, true_shapes))]
+
+
+def uses_many_ar_patch_embed(model: Any) -> bool:
+    """Whether the model's patch embedding is upstream's ``ManyAR_PatchEmbed`` (which turns a
+    transposed input with a portrait ``true_shape`` back to portrait itself)."""
+    modules = model.modules() if hasattr(model, "modules") else []
+    return any(type(m).__name__ == "ManyAR_PatchEmbed" for m in modules)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,10 +276,38 @@ def resample_to_cache(array: np.ndarray, map_x: np.ndarray, map_y: np.ndarray) -
                      borderMode=cv2.BORDER_REPLICATE)
 
 
-def convert_predictions(pred: dict[str, np.ndarray], geometries: list[ViewGeometry],
+def to_input_layout(pred: dict[str, np.ndarray], views: list[TeacherView], many_ar: bool,
+                    where: str = "fast3r") -> dict[str, np.ndarray]:
+    """Parsed predictions -> the input tensor's (landscape) layout, points in each view's own
+    (untransposed) camera axes.
+
+    Upstream's heads return maps in the landscape layout of the input tensor
+    (``transpose_to_landscape`` in dust3r's ``utils/misc.py``); a map in the portrait layout
+    of ``true_shape`` is transposed to it. With ``ManyAR_PatchEmbed`` the network sees a
+    transposed view as the portrait image it is, so its points are in the real camera axes;
+    with a plain patch embedding it sees the transposed image, whose camera has x and y
+    swapped: the point coordinates x and y are swapped back (all views of a sample share one
+    orientation, so view 0's frame, the global frame, is swapped consistently)."""
+    ht, wt = views[0].teacher.out_hw
+    transposed = views[0].transposed
+    hw = pred["conf"].shape[1:3]
+    if hw == (wt, ht) and (ht, wt) != (wt, ht):
+        pred = {k: np.ascontiguousarray(np.swapaxes(v, 1, 2)) for k, v in pred.items()}
+    elif hw != (ht, wt):
+        raise ValueError(f"{where}: prediction maps are {hw[0]}x{hw[1]} but the input was "
+                         f"{ht}x{wt}")
+    if transposed and not many_ar:
+        pred = dict(pred, **{k: np.ascontiguousarray(pred[k][..., [1, 0, 2]])
+                             for k in ("global", "local")})
+    return pred
+
+
+def convert_predictions(pred: dict[str, np.ndarray], views: list[TeacherView],
                         cache_hw: tuple[int, int], conf_threshold: float,
                         where: str = "fast3r") -> TeacherOutput:
-    """Parsed predictions at Fast3R resolution -> :class:`TeacherOutput` at ``cache_hw``."""
+    """Predictions in the input layout (:func:`to_input_layout`) -> :class:`TeacherOutput`
+    at ``cache_hw``. Cache pixels outside the teacher's view are masked (zero points,
+    confidence 1), never extrapolated."""
     aligned, _ = align_local_to_global(pred["local"], pred["global"], pred["conf"], where=where)
     n, hf, wf = pred["conf"].shape
     H, W = cache_hw
@@ -221,8 +316,8 @@ def convert_predictions(pred: dict[str, np.ndarray], geometries: list[ViewGeomet
     conf_g = np.ones((n, H, W), np.float32)
     conf_l = np.ones((n, H, W), np.float32)
     mask = np.zeros((n, H, W), bool)
-    for j, geo in enumerate(geometries):
-        mx, my = geo.cache_to_teacher(H, W)
+    for j, view in enumerate(views):
+        mx, my = view.cache_to_teacher()
         inside = (mx >= -0.5) & (mx <= wf - 0.5) & (my >= -0.5) & (my <= hf - 0.5)
         g = resample_to_cache(aligned[j], mx, my)
         lo = resample_to_cache(pred["local"][j], mx, my)
@@ -254,7 +349,7 @@ def load_fast3r(checkpoint: str, device) -> tuple[Any, Callable]:
 
 def disable_attn_bias(model) -> int:
     """Switch off ``attn_bias_for_inference_enabled`` everywhere (must stay off for the released
-    weights, REFERENCE pitfall 3); returns how many modules had it on."""
+    weights); returns how many modules had it on."""
     changed = 0
     for module in model.modules():
         if getattr(module, "attn_bias_for_inference_enabled", False):
@@ -342,12 +437,14 @@ class Fast3RTeacher(Teacher):
         where = f"fast3r teacher, sample {batch.key!r}"
         if len(batch.image_paths) != batch.num_views:
             raise ValueError(f"{where}: needs the source image path of every view")
-        inputs, geometries = [], []
-        for path in batch.image_paths:
-            img, geo = preprocess_image(read_image(path), batch.size, self.params.image_size)
-            inputs.append(img)
-            geometries.append(geo)
-        out = self.run(make_views(inputs), batch.key)
-        pred = parse_predictions(out, batch.num_views, where)
-        return convert_predictions(pred, geometries, batch.size, self.params.conf_threshold,
-                                   where)
+        sources = [read_image(path) for path in batch.image_paths]
+        views = plan_views([img.shape[:2] for img in sources], batch.size,
+                           self.params.image_size)
+        inputs = [preprocess_image(img, view) for img, view in zip(sources, views)]
+        self._ensure_loaded()
+        many_ar = uses_many_ar_patch_embed(self._model)
+        shapes = [v.true_shape if many_ar else v.teacher.out_hw for v in views]
+        out = self.run(make_views(inputs, shapes), batch.key)
+        pred = to_input_layout(parse_predictions(out, batch.num_views, where), views, many_ar,
+                               where)
+        return convert_predictions(pred, views, batch.size, self.params.conf_threshold, where)
