@@ -167,6 +167,7 @@ class EvalParams:
     max_samples: Optional[int] = None
     conf_top_fraction: float = 0.15  # pixels used for the sim(3) alignment
     pnp_reprojection_px: float = 5.0
+    conf_percentile: float = 10.0  # pixels the poses come from (as infer.conf_percentile)
     seed: int = 0
     max_points: int = 20000  # points per sample for the KD-tree metrics (deterministic subset)
     dtype: str = "bf16"  # autocast dtype where the device supports it ("fp32" disables)

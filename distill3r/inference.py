@@ -7,14 +7,16 @@ student (``distill3r.models.load_student``) and writes per scene, into ``output_
   scale) whose local confidence is at or above the ``conf_percentile`` percentile, coloured
   from the input images;
 - ``<scene>_cameras.json``: estimated ``K`` (shared, at the processed resolution) and ``c2w``
-  per image (focal from view 0's points, then PnP-RANSAC; Procrustes where PnP fails), in the
-  layout of the demo scenes' ``cameras.json``;
+  per image from :func:`distill3r.evaluation.poses.estimate_cameras` (the recipe evaluation
+  scores: focal from view 0's confident points, view 0 the identity, PnP-RANSAC for the
+  others, Procrustes where PnP fails), in the layout of the demo scenes' ``cameras.json``;
 - ``<scene>_info.json``: views, resolution, timings, points kept, checkpoint fingerprint;
 - ``<scene>_preview.png``: a render of the cloud plus per-view depth and confidence.
 
 Scene discovery: ``images_dir`` holding images is one scene named after the folder; a folder
 with an ``rgb/`` or ``images/`` subfolder of images likewise; otherwise every subfolder that is
-a scene is processed. All views of a scene are resized and centre-cropped (never stretched) to
+a scene is processed. Views are listed by :func:`distill3r.data.io.scene_images` (natural
+file-name order), the rule of ``kind: images`` sources too, so view 0 is the same image. All views of a scene are resized and centre-cropped (never stretched) to
 one size: long side ``size``, multiples of the model's patch size, the orientation of most
 images (ties: the first image's).
 """
@@ -22,7 +24,6 @@ images (ties: the first image's).
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,16 +33,18 @@ import numpy as np
 import torch
 
 from distill3r.config import InferParams
-from distill3r.data.io import IMAGE_SUFFIXES, fit_size, read_image, resize_crop
+from distill3r.data.io import (IMAGE_SUBFOLDERS, IMAGE_SUFFIXES, is_image_file, natural_key,
+                               read_image, scene_images)
+from distill3r.data.view import fit_size, resize_crop
 from distill3r.devices import autocast, bf16_supported, parse_dtype, resolve_device
 from distill3r.evaluation.metrics import subsample_indices
-from distill3r.evaluation.poses import estimate_focal, intrinsics, pnp_poses, procrustes_poses
+from distill3r.evaluation.poses import confident_pixels, estimate_cameras
+from distill3r.models.checkpoint import checkpoint_fingerprint
+from distill3r.models.inputs import images_to_input
 from distill3r.export import write_ply, write_preview
-from distill3r.jsonio import read_json, write_json
+from distill3r.jsonio import write_json
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUBFOLDERS = ("rgb", "images")
 
 
 @dataclass
@@ -52,34 +55,9 @@ class Scene:
     images: list[Path]
 
 
-def _natural_key(path: Path) -> list:
-    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path.name)]
-
-
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
-
-
-def _scene_images(folder: Path) -> list[Path]:
-    """Images directly in ``folder`` (warning about other files), or in its rgb/ or images/."""
-    images, others = [], []
-    for p in sorted(folder.iterdir(), key=_natural_key):
-        if p.name.startswith("."):
-            continue
-        if _is_image(p):
-            images.append(p)
-        elif p.is_file():
-            others.append(p)
-    if not images:
-        for sub in IMAGE_SUBFOLDERS:
-            if (folder / sub).is_dir():
-                found = _scene_images(folder / sub)
-                if found:
-                    return found
-        return []
-    for p in others:
+def _warn_skipped(paths: list[Path]) -> None:
+    for p in paths:
         log.warning("%s: not an image (suffix not in %s), skipped", p, ", ".join(IMAGE_SUFFIXES))
-    return images
 
 
 def find_scenes(images_dir: str | Path) -> list[Scene]:
@@ -87,18 +65,20 @@ def find_scenes(images_dir: str | Path) -> list[Scene]:
     root = Path(images_dir)
     if not root.is_dir():
         raise ValueError(f"{root}: images folder not found")
-    images = _scene_images(root)
+    images, skipped = scene_images(root)
+    _warn_skipped(skipped)
     if images:
         subdirs = [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
                    and p.name not in IMAGE_SUBFOLDERS]
-        if subdirs and any(_is_image(p) for p in root.iterdir()):
+        if subdirs and any(is_image_file(p) for p in root.iterdir()):
             log.warning("%s: holds images, so it is one scene; subfolders ignored: %s", root,
                         ", ".join(sorted(subdirs)))
         return [Scene(root.resolve().name, images)]
     scenes = []
     for sub in sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                      key=_natural_key):
-        found = _scene_images(sub)
+                      key=natural_key):
+        found, skipped = scene_images(sub)
+        _warn_skipped(skipped)
         if found:
             scenes.append(Scene(sub.name, found))
         else:
@@ -153,68 +133,32 @@ def predict(model: torch.nn.Module, images: np.ndarray, device: torch.device,
             dtype: torch.dtype) -> dict[str, np.ndarray]:
     """Run the student on ``images [N,H,W,3]`` uint8 -> numpy float32 maps without batch
     axis: ``xyz_global, xyz_local [N,H,W,3]``, ``conf_global, conf_local [N,H,W]``."""
-    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).contiguous().float()
-    x = x.div_(255.0)[None]
+    x = images_to_input(torch.from_numpy(images).to(device))[None]
     with torch.inference_mode(), autocast(device, dtype):
         out = model(x)
     return {k: out[k][0].float().cpu().numpy() for k in
             ("xyz_global", "xyz_local", "conf_global", "conf_local")}
 
 
-def select_points(xyz_global: np.ndarray, conf: np.ndarray, images: np.ndarray,
-                  percentile: float, max_points: int | None = None, seed: int = 0):
-    """Points whose confidence is at or above its ``percentile`` (over finite pixels).
+def select_points(xyz_global: np.ndarray, keep: np.ndarray, images: np.ndarray,
+                  max_points: int | None = None, seed: int = 0):
+    """The points of the ``keep`` pixels (see :func:`confident_pixels`), coloured.
 
     Args:
-        xyz_global: ``[N,H,W,3]``; conf: ``[N,H,W]``; images: ``[N,H,W,3]`` uint8.
+        xyz_global: ``[N,H,W,3]``; keep: ``[N,H,W]`` bool; images: ``[N,H,W,3]`` uint8.
         max_points: cap on the result (deterministic subset with ``seed``).
     Returns:
-        ``(points [M,3] float32, colors [M,3] uint8, keep [N,H,W] bool, threshold)``.
+        ``(points [M,3] float32, colors [M,3] uint8, exported [N,H,W] bool)``.
     """
-    if not 0 <= percentile <= 100:
-        raise ValueError(f"conf_percentile must be in [0, 100], got {percentile}")
-    finite = np.isfinite(xyz_global).all(-1) & np.isfinite(conf)
-    threshold = float(np.percentile(conf[finite], percentile)) if finite.any() else float("inf")
-    keep = finite & (conf >= threshold)
     idx = np.flatnonzero(keep)
     if max_points is not None and len(idx) > max_points:
         idx = idx[subsample_indices(len(idx), max_points, seed)]
         keep = np.zeros(keep.size, bool)
         keep[idx] = True
-        keep = keep.reshape(conf.shape)
+        keep = keep.reshape(xyz_global.shape[:3])
     points = xyz_global.reshape(-1, 3)[idx].astype(np.float32)
     colors = images.reshape(-1, 3)[idx]
-    return points, colors, keep, threshold
-
-
-def estimate_cameras(pred: dict[str, np.ndarray], keep: np.ndarray, reprojection_px: float,
-                     seed: int = 0) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """``(K [3,3], c2w [N,4,4], method per view)`` from the predicted maps (see poses.py)."""
-    N, H, W = keep.shape
-    glob = pred["xyz_global"].astype(np.float64)
-    try:
-        focal = estimate_focal(glob[0], keep[0])
-    except ValueError:
-        focal = float(max(H, W))  # ~53 degrees field of view
-        log.warning("no usable points in front of view 0: focal length set to %.0f px", focal)
-    K = intrinsics(focal, H, W)
-    c2w, ok = pnp_poses(glob, K, keep, reprojection_px, seed=seed)
-    methods = ["pnp" if o else "procrustes" for o in ok]
-    if not ok.all():
-        c2w_pro, _ = procrustes_poses(pred["xyz_local"].astype(np.float64), glob,
-                                      pred["conf_local"], keep)
-        c2w[~ok] = c2w_pro[~ok]
-        log.warning("PnP failed for view(s) %s: Procrustes poses used",
-                    ", ".join(str(i) for i in np.flatnonzero(~ok)))
-    return K, c2w, methods
-
-
-def checkpoint_fingerprint(checkpoint: str | Path) -> str | None:
-    """The weights fingerprint recorded in the checkpoint's ``config.json`` (None if absent)."""
-    try:
-        return read_json(Path(checkpoint) / "config.json").get("sha256")
-    except ValueError:  # missing or not a JSON object: no fingerprint to report
-        return None
+    return points, colors, keep
 
 
 def reconstruct_scene(model: torch.nn.Module, scene: Scene, output_dir: str | Path,
@@ -232,12 +176,14 @@ def reconstruct_scene(model: torch.nn.Module, scene: Scene, output_dir: str | Pa
         dtype = torch.float32
     pred = predict(model, images, device, dtype)
     t2 = time.perf_counter()
-    points, colors, keep, threshold = select_points(
-        pred["xyz_global"], pred["conf_local"], images, params.conf_percentile,
-        params.max_points, params.seed)
+    keep, threshold = confident_pixels(pred["xyz_global"], pred["conf_local"],
+                                       params.conf_percentile)
+    points, colors, _ = select_points(pred["xyz_global"], keep, images, params.max_points,
+                                      params.seed)
     if len(points) == 0:
         raise ValueError(f"{scene.name}: the model predicted no finite points")
-    K, c2w, methods = estimate_cameras(pred, keep, params.pnp_reprojection_px, params.seed)
+    cams = estimate_cameras(pred, keep, params.pnp_reprojection_px, params.seed)
+    K, c2w, methods = cams.K, cams.c2w, cams.methods
     t3 = time.perf_counter()
     N, H, W = keep.shape
     files = {k: out / f"{scene.name}_{k}" for k in

@@ -21,7 +21,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
+import math
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from distill3r.config import flatten, to_dict
 from distill3r.jsonio import read_json, write_json
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # imported lazily at run time: mlflow is slow to import
     import mlflow
@@ -356,3 +361,56 @@ def make_lightning_logger(tracking_uri: str, experiment: str, run_id: str) -> "M
     return MLFlowLogger(
         experiment_name=experiment, tracking_uri=tracking_uri, run_id=run_id, log_model=False
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging a stage's report to the training run
+# ----------------------------------------------------------------------------------------------
+# Fail fast when the tracking server is down (MLflow's defaults retry for minutes).
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def report_metrics(report: dict, prefix: str = "eval") -> dict[str, float]:
+    """Numeric leaves of the report as ``{"eval.student.depth_abs_rel": v, ...}`` (nulls,
+    strings and booleans dropped; characters MLflow refuses in names become ``_``)."""
+    out: dict[str, float] = {}
+
+    def walk(node: Any, name: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{name}.{re.sub(r'[^A-Za-z0-9_./ -]', '_', str(k))}")
+        elif isinstance(node, (int, float)) and not isinstance(node, bool) \
+                and math.isfinite(node):
+            out[name] = float(node)
+
+    walk(report, prefix)
+    return out
+
+
+@contextlib.contextmanager
+def _fast_failing_http() -> Iterator[None]:
+    added = [k for k in MLFLOW_HTTP_DEFAULTS if k not in os.environ]
+    os.environ.update({k: MLFLOW_HTTP_DEFAULTS[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+def log_report(report: dict, ref: RunRef, prefix: str = "eval") -> str | None:
+    """Log a report's numeric leaves (:func:`report_metrics`) to the run of ``ref``; the run
+    id, or None (with a warning) when the store cannot be reached or refuses the run."""
+    metrics = report_metrics(report, prefix)
+    try:
+        with _fast_failing_http(), start_run(None, ref.tracking_uri, run_id=ref.run_id,
+                                             system_metrics=False):
+            log_metrics(metrics)
+    except Exception as exc:  # noqa: BLE001 -- any store failure (HTTP, SQL, auth) only warns
+        log.warning("MLflow logging to run %s at %s failed (%s: %s); the report is written "
+                    "anyway", ref.run_id, ref.tracking_uri, type(exc).__name__, exc)
+        return None
+    log.info("logged %d metrics to MLflow run %s", len(metrics), ref.run_id)
+    return ref.run_id

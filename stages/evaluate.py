@@ -17,8 +17,11 @@ import dataclasses
 import logging
 import sys
 
+from pathlib import Path
+
 from distill3r.config import load_params
 from distill3r.evaluation.runner import format_table, run_evaluation
+from distill3r.tracking import log_report, read_run_ref
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,14 +44,20 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         if args.max_samples is not None:
             params.eval = dataclasses.replace(params.eval, max_samples=args.max_samples)
+        ref = None
+        if args.run_ref and Path(args.run_ref).is_file():
+            ref = read_run_ref(args.run_ref)
+        elif args.run_ref:
+            logging.info("%s not found: metrics are not logged to MLflow", args.run_ref)
         result = run_evaluation(params, args.checkpoint, args.cache, args.out,
-                                run_ref=args.run_ref, progress=not args.no_progress)
+                                progress=not args.no_progress)
     except ValueError as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 1
     report = result.report
     print(format_table(report))
-    run = f", MLflow run {result.logged_run_id}" if result.logged_run_id else ""
+    logged = log_report(report, ref) if ref is not None else None
+    run = f", MLflow run {logged}" if logged else ""
     print(f"evaluate: {report['num_samples']} sample(s) ({report['num_samples_gt']} with ground "
           f"truth), {report['seconds_per_sample']:.3f} s/sample -> {result.out_path}{run}")
     return 0

@@ -18,11 +18,12 @@ from distill3r.cache.writer import build_cache
 from distill3r.config import CacheParams, DataParams, DemoParams, Params, SourceParams
 from distill3r.data.build import build_manifest
 from distill3r.data.demo import render_demo
-from distill3r.evaluation.runner import (BLOCKS, GT_BLOCKS, format_table, mlflow_metrics,
-                                         run_evaluation, score_sample, summarise)
+from distill3r.evaluation.runner import (BLOCKS, GT_BLOCKS, format_table, run_evaluation,
+                                         score_sample, summarise)
 from distill3r.models import build_student, save_student
 from distill3r.testing.services import free_port
-from distill3r.tracking import start_run, write_run_ref
+from distill3r.tracking import (log_report, read_run_ref, report_metrics, start_run,
+                               write_run_ref)
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = CacheParams(image_size=[28, 28], views_per_sample=3, max_samples_per_scene=2,
@@ -76,12 +77,12 @@ def test_report_scores_and_mlflow_logging(world, tmp_path):
 
     uri, run_id, ref_path = _mlflow_run(tmp_path)
     out = tmp_path / "reports" / "eval.json"
-    result = run_evaluation(_params(), world["student"], world["cache"], out, run_ref=ref_path,
-                            progress=False)
+    result = run_evaluation(_params(), world["student"], world["cache"], out, progress=False)
+    assert log_report(result.report, read_run_ref(ref_path)) == run_id
     text = out.read_text()
     assert "NaN" not in text and "Infinity" not in text
     report = json.loads(text)
-    assert report == result.report and result.logged_run_id == run_id
+    assert report == result.report
     assert report["num_samples"] == 2 == report["num_samples_gt"]  # 1 val scene x 2 samples
     assert report["seconds_per_sample"] > 0 and report["dtype"] == "bfloat16"
     config = json.loads((world["student"] / "config.json").read_text())
@@ -109,7 +110,7 @@ def test_report_scores_and_mlflow_logging(world, tmp_path):
     assert logged["eval.teacher.chamfer"] == pytest.approx(teacher["chamfer"])
     assert logged["eval.per_dataset.demo.layout_prior.num_samples"] == 2
     assert logged["eval.num_samples"] == 2 and "eval.checkpoint" not in logged
-    assert logged.keys() == mlflow_metrics(report).keys()
+    assert logged.keys() == report_metrics(report).keys()
     table = format_table(report)
     for row in ("student", "teacher", "baseline", "layout_prior"):
         assert row in table

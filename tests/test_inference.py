@@ -13,6 +13,7 @@ from distill3r.config import InferParams
 from distill3r.data.io import read_image, write_image
 from distill3r.data.view import fit_size
 from distill3r.export import read_ply
+from distill3r.evaluation.poses import confident_pixels
 from distill3r.inference import (find_scenes, load_views, predict, run_inference,
                                  select_points)
 from distill3r.models import build_student, load_student, save_student
@@ -95,16 +96,18 @@ def test_select_points_keeps_the_confidence_percentile():
     conf = rng.uniform(1, 10, size=(2, 6, 7))
     xyz[0, 0, 0] = np.nan
     images = rng.integers(0, 256, (2, 6, 7, 3), dtype=np.uint8)
-    points, colors, keep, thr = select_points(xyz, conf, images, 25.0)
+    keep, thr = confident_pixels(xyz, conf, 25.0)
+    points, colors, exported = select_points(xyz, keep, images)
     finite = np.isfinite(xyz).all(-1)
     assert thr == pytest.approx(np.percentile(conf[finite], 25))
-    assert len(points) == (finite & (conf >= thr)).sum() == keep.sum()
+    assert len(points) == (finite & (conf >= thr)).sum() == keep.sum() == exported.sum()
     assert np.array_equal(colors, images[keep])
     assert np.array_equal(points, xyz[keep].astype(np.float32))
-    capped = select_points(xyz, conf, images, 0.0, max_points=10, seed=1)
+    capped = select_points(xyz, confident_pixels(xyz, conf, 0.0)[0], images, max_points=10,
+                           seed=1)
     assert len(capped[0]) == 10 and capped[2].sum() == 10
     with pytest.raises(ValueError, match="conf_percentile"):
-        select_points(xyz, conf, images, 120.0)
+        confident_pixels(xyz, conf, 120.0)
 
 
 # --- end to end ----------------------------------------------------------------------------------
@@ -182,3 +185,81 @@ def test_cli_overrides_params(tmp_path, checkpoint, capsys):
     assert code == 0 and "cli: 2 view(s) at 28x28" in capsys.readouterr().out
     info = json.loads((tmp_path / "o" / "cli_info.json").read_text())
     assert info["conf_percentile"] == 50.0 and info["dtype"] == "float32"
+
+
+# --- one view order, one camera recipe ------------------------------------------------------------
+def test_images_manifest_and_inference_share_the_view_order(tmp_path, checkpoint):
+    from distill3r.config import DataParams, SourceParams
+    from distill3r.data.build import build_manifest
+    from distill3r.data.manifest import read_manifest
+
+    scene = tmp_path / "scenes" / "hall" / "images"  # images in an images/ subfolder
+    rng = np.random.default_rng(3)
+    names = ["frame_10.png", "frame_2.png", "Frame_1.png", "frame_1b.jpg"]
+    scene.mkdir(parents=True)
+    for name in names:
+        write_image(scene / name, rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    (scene / "notes.txt").write_text("not an image")
+    data = DataParams(sources=[SourceParams(kind="images", root=str(tmp_path / "scenes"))],
+                      val_fraction=0.0)
+    build_manifest(data, tmp_path / "m.csv", tmp_path / "img")
+    rows = sorted(read_manifest(tmp_path / "m.csv"), key=lambda r: r.frame)
+    manifest_order = [Path(r.image).name for r in rows]
+    (info,) = run_inference(tmp_path / "scenes" / "hall", checkpoint, tmp_path / "out", PARAMS)
+    assert manifest_order == [Path(p).name for p in info["images"]]
+    assert manifest_order == ["Frame_1.png", "frame_1b.jpg", "frame_2.png", "frame_10.png"]
+
+
+class FixedPrediction(torch.nn.Module):
+    """A "student" that returns given maps, so inference writes the poses of known maps."""
+
+    patch_size = 14
+
+    def __init__(self, pred):
+        super().__init__()
+        self.pred = {k: torch.from_numpy(np.asarray(v, np.float32))[None] for k, v in
+                     pred.items()}
+
+    def forward(self, images):
+        return self.pred
+
+
+def test_inference_cameras_are_the_poses_evaluation_scores(tmp_path):
+    from boxroom import camera, random_scene, render_view
+
+    from distill3r.evaluation.poses import estimate_cameras, pose_metrics, relative_pose_errors
+    from distill3r.evaluation.protocol import evaluate_sample, reference_from_gt
+    from distill3r.inference import Scene, reconstruct_scene
+
+    rng = np.random.default_rng(5)
+    room = random_scene(rng)
+    H = W = 28
+    frames = [camera(rng, room, i, 4, H, W) for i in range(4)]
+    views = [render_view(room, K, c2w, H, W) for K, c2w in frames]
+    gt = {"depth": np.stack([d for _, d, _ in views]), "K": np.stack([k for k, _ in frames]),
+          "c2w": np.stack([c for _, c in frames])}
+    ref = reference_from_gt(**gt)
+    noise = rng.normal(scale=0.01, size=ref["xyz_global"].shape)
+    pred = {"xyz_global": ref["xyz_global"] + noise, "xyz_local": ref["xyz_local"],
+            "conf_global": rng.uniform(1, 5, (4, H, W)), "conf_local": rng.uniform(1, 5, (4, H, W))}
+    folder = tmp_path / "scene"
+    for i, (rgb, _, _) in enumerate(views):
+        write_image(folder / f"{i}.png", rgb)
+    params = InferParams(size=W, device="cpu", dtype="fp32", preview_views=1)
+    reconstruct_scene(FixedPrediction(pred), Scene("scene", sorted(folder.iterdir())),
+                      tmp_path / "out", params, torch.device("cpu"))
+    written = json.loads((tmp_path / "out" / "scene_cameras.json").read_text())["frames"]
+    c2w = np.array([f["c2w"] for f in written])
+    np.testing.assert_array_equal(c2w[0], np.eye(4))  # the global frame is view 0's camera
+    assert written[0]["pose_method"] == "identity"
+    pred32 = {k: np.asarray(v, np.float32).astype(np.float64) for k, v in pred.items()}
+    keep, _ = confident_pixels(pred32["xyz_global"], pred32["conf_local"], 10.0)
+    cams = estimate_cameras(pred32, keep, params.pnp_reprojection_px, params.seed)
+    np.testing.assert_allclose(c2w, cams.c2w, atol=1e-6)
+    # evaluation scores exactly these poses
+    scores = evaluate_sample(pred32, gt, pnp_reprojection_px=params.pnp_reprojection_px,
+                             seed=params.seed, conf_percentile=params.conf_percentile)
+    expected = pose_metrics(*relative_pose_errors(c2w, ref["c2w"]))
+    for key, value in expected.items():
+        assert scores[f"pnp_{key}"] == pytest.approx(value, abs=1e-6), key
+    assert scores["pnp_rra_15"] == 1.0  # 1 cm of noise at 28x28: the poses are close

@@ -5,12 +5,49 @@ Resizing views lives in :mod:`distill3r.data.view`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_SUBFOLDERS = ("rgb", "images")
+
+
+def natural_key(path: Path) -> list:
+    """Sort key of a file name with its digit runs compared as numbers (``2.png < 10.png``)."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", path.name)]
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def scene_images(folder: str | Path) -> tuple[list[Path], list[Path]]:
+    """The views of a scene folder, in view order, and the other files skipped.
+
+    The one listing rule of the project (``kind: images`` sources and inference): the image
+    files directly in ``folder``, else those of its first ``rgb/`` or ``images/`` subfolder
+    that holds any; hidden files ignored; natural file-name order (``frame_2`` before
+    ``frame_10``), so view 0, the global frame, is the same everywhere."""
+    folder = Path(folder)
+    images, others = [], []
+    for p in sorted(folder.iterdir(), key=natural_key):
+        if p.name.startswith("."):
+            continue
+        if is_image_file(p):
+            images.append(p)
+        elif p.is_file():
+            others.append(p)
+    if images:
+        return images, others
+    for sub in IMAGE_SUBFOLDERS:
+        if (folder / sub).is_dir():
+            found, skipped = scene_images(folder / sub)
+            if found:
+                return found, skipped
+    return [], others
 
 
 def read_image(path: str | Path) -> np.ndarray:

@@ -1,5 +1,11 @@
 """Camera poses from predicted point maps, and pose metrics.
 
+:func:`estimate_cameras` is the one recipe that inference writes to ``cameras.json`` and that
+evaluation scores: the pixels kept are those whose local confidence is at or above a percentile
+(:func:`confident_pixels`, the points inference exports); a shared focal from view 0's kept
+global points; view 0's pose is the identity (the global frame is view 0's camera frame by
+construction); every other view by PnP, and by Procrustes where PnP fails.
+
 Two estimators (both return camera-to-world 4x4 poses in view 0's frame, at the prediction's
 scale):
 
@@ -18,12 +24,18 @@ Shares are fractions in [0, 1].
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
 from distill3r.evaluation.alignment import finite_points, local_to_global
 from distill3r.evaluation.metrics import subsample_indices
 from distill3r.geometry import invert_pose, pixel_grid
+
+log = logging.getLogger(__name__)
 
 
 def principal_point(height: int, width: int) -> tuple[float, float]:
@@ -132,6 +144,63 @@ def procrustes_poses(local: np.ndarray, global_: np.ndarray, conf: np.ndarray,
     c2w[:, :3, :3] = T[:, :3, :3] / np.where(scale > 0, scale, 1.0)[:, None, None]
     scale = np.where(ok, scale, np.nan)
     return c2w, scale
+
+
+def confident_pixels(xyz_global: np.ndarray, conf: np.ndarray, percentile: float
+                     ) -> tuple[np.ndarray, float]:
+    """``(keep [N,H,W] bool, threshold)``: finite points whose confidence ``conf [N,H,W]`` is at
+    or above its ``percentile`` over the finite pixels (threshold inf if none is finite)."""
+    if not 0 <= percentile <= 100:
+        raise ValueError(f"conf_percentile must be in [0, 100], got {percentile}")
+    finite = finite_points(xyz_global) & np.isfinite(conf)
+    threshold = float(np.percentile(conf[finite], percentile)) if finite.any() else float("inf")
+    return finite & (conf >= threshold), threshold
+
+
+@dataclass
+class Cameras:
+    """Cameras estimated from one prediction: shared ``K [3,3]`` at the prediction's resolution,
+    ``c2w [N,4,4]`` in view 0's camera frame (model scale) and how each pose was found
+    (``identity`` for view 0, ``pnp`` or ``procrustes``)."""
+
+    K: np.ndarray
+    c2w: np.ndarray
+    methods: list[str]
+
+    @property
+    def focal(self) -> float:
+        return float(self.K[0, 0])
+
+    @property
+    def pnp_failed(self) -> int:
+        return self.methods.count("procrustes")
+
+
+def estimate_cameras(pred: Mapping[str, np.ndarray], keep: np.ndarray,
+                     reprojection_px: float = 5.0, seed: int = 0) -> Cameras:
+    """Cameras from predicted maps (``xyz_global``, ``xyz_local`` ``[N,H,W,3]``,
+    ``conf_local [N,H,W]``) on the ``keep [N,H,W]`` pixels (see the module docstring).
+
+    When view 0 has no usable point in front of it the focal is ``max(H, W)`` (about 53
+    degrees of field of view), with a warning."""
+    N, H, W = keep.shape
+    glob = np.asarray(pred["xyz_global"], np.float64)
+    try:
+        focal = estimate_focal(glob[0], keep[0])
+    except ValueError:
+        focal = float(max(H, W))
+        log.warning("no usable points in front of view 0: focal length set to %.0f px", focal)
+    K = intrinsics(focal, H, W)
+    c2w, ok = pnp_poses(glob, K, keep, reprojection_px, seed=seed)
+    c2w[0], ok[0] = np.eye(4), True
+    methods = ["identity"] + ["pnp" if o else "procrustes" for o in ok[1:]]
+    if not ok.all():
+        c2w_pro, _ = procrustes_poses(np.asarray(pred["xyz_local"], np.float64), glob,
+                                      np.asarray(pred["conf_local"], np.float64), keep)
+        c2w[~ok] = c2w_pro[~ok]
+        log.warning("PnP failed for view(s) %s: Procrustes poses used",
+                    ", ".join(str(i) for i in np.flatnonzero(~ok)))
+    return Cameras(K, c2w, methods)
 
 
 def _rotation_angle_deg(R: np.ndarray) -> np.ndarray:

@@ -11,8 +11,11 @@ Metric keys (flat; distances in reference units, shares as fractions):
 ``acc_mean, acc_median, comp_mean, comp_median, chamfer, nc_acc, nc_comp, nc`` (local points
 aligned to the global map per view, then one weighted sim(3) to the reference on the top
 ``conf_top_fraction`` confident pixels); ``global_head_chamfer`` (the same for the global map
-alone); ``focal_rel_err`` (ground truth only); ``{pnp,procrustes}_{rot_err, trans_err, rra_5,
-rra_15, rta_5, rta_15, maa_30}`` and ``pnp_failed_views``.
+alone); ``focal_rel_err`` (ground truth only); ``pnp_{rot_err, trans_err, rra_5, rra_15,
+rta_5, rta_15, maa_30}``: the poses inference writes (:func:`estimate_cameras` on the pixels
+at or above the ``conf_percentile`` of local confidence: view 0 the identity, PnP, Procrustes
+where PnP fails; ``pnp_failed_views`` counts those); ``procrustes_*``: the same metrics of
+Procrustes poses for every view (local onto global, top ``conf_top_fraction`` pixels).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 
 from distill3r.evaluation.alignment import align_to_reference, finite_points, local_to_global
 from distill3r.evaluation.metrics import depth_metrics, point_map_metrics
-from distill3r.evaluation.poses import (estimate_focal, intrinsics, pnp_poses, pose_metrics,
+from distill3r.evaluation.poses import (confident_pixels, estimate_cameras, pose_metrics,
                                         procrustes_poses, relative_pose_errors)
 from distill3r.geometry import depth_to_camera_points, relative_poses, transform_points
 
@@ -97,7 +100,8 @@ def _pose_block(prefix: str, c2w: np.ndarray, ref_c2w: np.ndarray) -> dict[str, 
 
 def evaluate_sample(pred: Mapping[str, Any], ref: Mapping[str, Any],
                     conf_top_fraction: float = 0.15, pnp_reprojection_px: float = 5.0,
-                    max_points: int | None = 20000, seed: int = 0) -> dict[str, float]:
+                    max_points: int | None = 20000, seed: int = 0,
+                    conf_percentile: float = 10.0) -> dict[str, float]:
     """All metrics of one sample as a flat ``{name: float}`` (NaN where undefined, e.g. pose
     metrics of a single view). See the module docstring for the keys and the protocol."""
     P = {k: _array(pred, k, "prediction") for k in PRED_KEYS}
@@ -105,7 +109,6 @@ def evaluate_sample(pred: Mapping[str, Any], ref: Mapping[str, Any],
     if P["xyz_global"].shape != R["xyz_global"].shape:
         raise ValueError(f"prediction {P['xyz_global'].shape} and reference "
                          f"{R['xyz_global'].shape} point maps differ in shape")
-    N, H, W = P["xyz_global"].shape[:3]
     out: dict[str, float] = {}
     d = depth_metrics(P["xyz_local"][..., 2], R["xyz_local"][..., 2], R["valid"])
     out.update({f"depth_{k}": v for k, v in d.items()})
@@ -117,17 +120,13 @@ def evaluate_sample(pred: Mapping[str, Any], ref: Mapping[str, Any],
     out["global_head_chamfer"] = _recon_metrics(P["xyz_global"], P["conf_global"], R,
                                                 conf_top_fraction, max_points, seed)["chamfer"]
 
-    try:
-        focal = estimate_focal(P["xyz_global"][0])
-        c2w_pnp, ok = pnp_poses(P["xyz_global"], intrinsics(focal, H, W),
-                                reprojection_px=pnp_reprojection_px, seed=seed)
-    except ValueError:
-        focal, c2w_pnp, ok = math.nan, np.tile(np.eye(4), (N, 1, 1)), np.zeros(N, bool)
+    keep, _ = confident_pixels(P["xyz_global"], P["conf_local"], conf_percentile)
+    cams = estimate_cameras(P, keep, pnp_reprojection_px, seed)
     if "K" in R:
         f_ref = 0.5 * (R["K"][0, 0, 0] + R["K"][0, 1, 1])
-        out["focal_rel_err"] = float(abs(focal - f_ref) / f_ref)
-    out.update(_pose_block("pnp", c2w_pnp, R["c2w"]))
-    out["pnp_failed_views"] = float(N - ok.sum())
+        out["focal_rel_err"] = float(abs(cams.focal - f_ref) / f_ref)
+    out.update(_pose_block("pnp", cams.c2w, R["c2w"]))
+    out["pnp_failed_views"] = float(cams.pnp_failed)
     c2w_pro, _ = procrustes_poses(P["xyz_local"], P["xyz_global"], P["conf_local"], None,
                                   conf_top_fraction)
     out.update(_pose_block("procrustes", c2w_pro, R["c2w"]))

@@ -15,19 +15,15 @@ The teacher is scored on its own valid pixels (``mask``; masked points are NaN),
 all pixels. The report (``eval.json``) holds each block averaged over samples
 (:func:`aggregate_metrics`; ``num_samples`` per block, ``null`` where undefined), the same per
 dataset under ``per_dataset``, ``seconds_per_sample`` (model forward only), ``num_samples`` and
-the checkpoint fingerprint. With a run reference (written by the train stage) the numeric
-values are also logged to that MLflow run as ``eval.<block>.<metric>``; an unreachable store
-only warns (``eval.json`` is written first).
+the checkpoint fingerprint. Logging the report to MLflow is the stage's job
+(:func:`distill3r.tracking.log_report`): this module computes metrics only.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import math
-import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +37,8 @@ from distill3r.config import EvalParams, Params
 from distill3r.devices import autocast, bf16_supported, parse_dtype, resolve_device
 from distill3r.evaluation.baselines import fit_layout_prior, layout_baseline, plane_baseline
 from distill3r.evaluation.protocol import aggregate_metrics, evaluate_sample
-from distill3r.inference import checkpoint_fingerprint
 from distill3r.jsonio import write_json
-from distill3r.tracking import RunRef, log_metrics, read_run_ref, start_run
+from distill3r.models import checkpoint_fingerprint, get_config, load_student
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +46,14 @@ GT_BLOCKS = ("student", "teacher", "baseline", "layout_prior")
 BLOCKS = ("student", "teacher", "student_vs_teacher", "baseline", "layout_prior")
 TABLE_COLUMNS = (("AbsRel", "depth_abs_rel"), ("delta1", "depth_delta1"),
                  ("Chamfer", "chamfer"), ("RRA@15", "pnp_rra_15"), ("mAA30", "pnp_maa_30"))
-# Fail fast when the tracking server is down (MLflow's defaults retry for minutes).
-MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-                        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 @dataclass
 class EvalResult:
-    """What :func:`run_evaluation` produced: the report (as written), its path, and the MLflow
-    run the metrics went to (None: no run reference, or the store was unreachable)."""
+    """What :func:`run_evaluation` produced: the report (as written) and its path."""
 
     report: dict
     out_path: Path
-    logged_run_id: Optional[str]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,6 +66,7 @@ def check_eval_params(ep: EvalParams) -> None:
                "must be >= 1 or null"),
               ("conf_top_fraction", 0 < ep.conf_top_fraction <= 1, "must be in (0, 1]"),
               ("pnp_reprojection_px", ep.pnp_reprojection_px > 0, "must be > 0"),
+              ("conf_percentile", 0 <= ep.conf_percentile <= 100, "must be in [0, 100]"),
               ("max_points", ep.max_points >= 1, "must be >= 1"),
               ("layout_prior_max_samples", ep.layout_prior_max_samples is None
                or ep.layout_prior_max_samples >= 1, "must be >= 1 or null")]
@@ -89,8 +79,6 @@ def check_eval_params(ep: EvalParams) -> None:
 def load_checked_student(checkpoint: Path, params: Params, device: torch.device):
     """The student in eval mode; ``ValueError`` if the folder is missing or unreadable, or its
     architecture differs from ``model.name`` in params (a checkpoint of another config)."""
-    from distill3r.models import get_config, load_student  # lazy: timm is slow to import
-
     if not checkpoint.is_dir():
         raise ValueError(f"{checkpoint}: checkpoint folder not found (expected model.safetensors "
                          "and config.json written by the train stage)")
@@ -203,7 +191,8 @@ def score_sample(sample: dict, student: dict[str, np.ndarray], prior: Optional[n
                  ep: EvalParams) -> dict[str, dict[str, float]]:
     """``{block: metrics}`` of one sample (only ``student_vs_teacher`` without ground truth)."""
     kw = {"conf_top_fraction": ep.conf_top_fraction, "pnp_reprojection_px":
-          ep.pnp_reprojection_px, "max_points": ep.max_points, "seed": ep.seed}
+          ep.pnp_reprojection_px, "max_points": ep.max_points, "seed": ep.seed,
+          "conf_percentile": ep.conf_percentile}
     teacher_ref = {"xyz_global": sample["xyz_global"].numpy(),
                    "xyz_local": sample["xyz_local"].numpy(), "mask": sample["mask"].numpy(),
                    "conf_local": sample["conf_local"].numpy()}
@@ -248,15 +237,12 @@ def summarise(scored: list[tuple[str, dict[str, dict[str, float]]]]) -> dict[str
 # The stage
 # ---------------------------------------------------------------------------------------------
 def run_evaluation(params: Params, checkpoint: str | Path, cache_dir: str | Path,
-                   out_path: str | Path, run_ref: str | Path | None = None,
-                   progress: bool = True) -> EvalResult:
+                   out_path: str | Path, progress: bool = True) -> EvalResult:
     """Evaluate the student of ``checkpoint`` on ``<cache_dir>/val`` and write ``out_path``.
 
     Args:
         params: ``eval`` is used; ``model.name``/``model.head_chunk_size`` check and load the
             checkpoint.
-        run_ref: the train stage's run reference JSON; when the file exists the metrics are
-            logged to that run (a malformed file is a ``ValueError``; a missing one is skipped).
     Raises:
         ValueError: bad params, a missing or mismatching checkpoint, a missing or empty val
             split, or a cache resolution the student cannot take.
@@ -266,9 +252,6 @@ def run_evaluation(params: Params, checkpoint: str | Path, cache_dir: str | Path
     ep = params.eval
     check_eval_params(ep)
     checkpoint, cache_dir, out_path = Path(checkpoint), Path(cache_dir), Path(out_path)
-    ref = read_run_ref(run_ref) if run_ref is not None and Path(run_ref).is_file() else None
-    if run_ref is not None and ref is None:
-        log.info("%s not found: metrics are not logged to MLflow", run_ref)
     device = resolve_device(ep.device)
     dtype = parse_dtype(ep.dtype)
     if dtype == torch.bfloat16 and not bf16_supported(device):
@@ -301,9 +284,7 @@ def run_evaluation(params: Params, checkpoint: str | Path, cache_dir: str | Path
         "height": int(index["image_size"][0]), "width": int(index["image_size"][1]),
         "views_per_sample": index.get("views_per_sample"),
     })
-    report = write_report(report, out_path)
-    logged = log_report(report, ref) if ref is not None else None
-    return EvalResult(report, out_path, logged)
+    return EvalResult(write_report(report, out_path), out_path)
 
 
 def _clean(value: Any) -> Any:
@@ -324,50 +305,6 @@ def write_report(report: dict, path: Path) -> dict:
     report = _clean(report)
     write_json(path, report, allow_nan=False)
     return report
-
-
-def mlflow_metrics(report: dict, prefix: str = "eval") -> dict[str, float]:
-    """Numeric leaves of the report as ``{"eval.student.depth_abs_rel": v, ...}`` (nulls,
-    strings and booleans dropped; characters MLflow refuses in names become ``_``)."""
-    out: dict[str, float] = {}
-
-    def walk(node: Any, name: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{name}.{re.sub(r'[^A-Za-z0-9_./ -]', '_', str(k))}")
-        elif isinstance(node, (int, float)) and not isinstance(node, bool) \
-                and math.isfinite(node):
-            out[name] = float(node)
-
-    walk(report, prefix)
-    return out
-
-
-@contextlib.contextmanager
-def _fast_failing_http() -> Iterator[None]:
-    added = [k for k in MLFLOW_HTTP_DEFAULTS if k not in os.environ]
-    os.environ.update({k: MLFLOW_HTTP_DEFAULTS[k] for k in added})
-    try:
-        yield
-    finally:
-        for k in added:
-            os.environ.pop(k, None)
-
-
-def log_report(report: dict, ref: RunRef) -> Optional[str]:
-    """Log the report's metrics to the run of ``ref``; the run id, or None (with a warning)
-    when the store cannot be reached or refuses the run."""
-    metrics = mlflow_metrics(report)
-    try:
-        with _fast_failing_http(), start_run(None, ref.tracking_uri, run_id=ref.run_id,
-                                             system_metrics=False):
-            log_metrics(metrics)
-    except Exception as exc:  # noqa: BLE001 -- any store failure (HTTP, SQL, auth) only warns
-        log.warning("MLflow logging to run %s at %s failed (%s: %s); eval.json is written "
-                    "anyway", ref.run_id, ref.tracking_uri, type(exc).__name__, exc)
-        return None
-    log.info("logged %d metrics to MLflow run %s", len(metrics), ref.run_id)
-    return ref.run_id
 
 
 def format_table(report: dict) -> str:

@@ -77,3 +77,12 @@ def load_student(path_dir: str | Path, device: str | torch.device = "cpu",
         raise ValueError(f"{weights}: weights fingerprint does not match {CONFIG_FILE}")
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+def checkpoint_fingerprint(checkpoint: str | Path) -> str | None:
+    """The weights fingerprint recorded in a student folder's ``config.json`` (None if the
+    file is missing, unreadable or has none)."""
+    try:
+        return read_json(Path(checkpoint) / "config.json").get("sha256")
+    except ValueError:
+        return None

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from distill3r.data.io import IMAGE_SUFFIXES
+from distill3r.data.io import scene_images
 from distill3r.data.sources.base import (Frame, Scene, SceneRef, Source, register_source,
                                          subfolders)
 
@@ -38,8 +38,9 @@ class DemoSource(Source):
 
 @register_source
 class ImageFolderSource(Source):
-    """A folder of scenes, each a folder of images (no ground truth). Frames are the images
-    sorted by file name (plain string order: zero-pad numbers); other files are skipped."""
+    """A folder of scenes, each a folder of images (no ground truth). Frames are listed by
+    :func:`distill3r.data.io.scene_images` (the rule inference uses: natural file-name order,
+    images in the folder or its ``rgb/``/``images/`` subfolder); other files are skipped."""
 
     kind = "images"
 
@@ -47,10 +48,7 @@ class ImageFolderSource(Source):
         return [SceneRef(folder.name, folder) for folder in subfolders(self)]
 
     def read_scene(self, ref: SceneRef) -> Scene:
-        images = []
-        for path in sorted(ref.path.iterdir()):
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                images.append(path)
-            else:
-                self.warn(f"{path}: not an image file, skipped")
+        images, skipped = scene_images(ref.path)
+        for path in skipped:
+            self.warn(f"{path}: not an image file, skipped")
         return Scene(ref.name, ref.path, [Frame(frame=i, image=p) for i, p in enumerate(images)])
