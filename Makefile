@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lock clean-demo
+.PHONY: setup demo bench plots test lock clean-demo
 
 setup: $(STAMP)
 
@@ -16,9 +16,22 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -c "import distill3r, torch, timm, lightning, webdataset, mlflow, dvc, pybullet, h5py, OpenEXR"
 	touch $(STAMP)
 
-# The whole pipeline on the demo data (CPU, minutes). DVC reruns only what changed.
+# The whole pipeline on the demo data (CPU, minutes), without the benchmark. DVC reruns only
+# what changed.
+DEMO_STAGES ?= evaluate infer
 demo: setup
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro $(DEMO_STAGES)
+
+# Time and memory versus views (minutes; run it on a quiet machine).
+bench: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro bench
+
+# dvc plots as a self-contained HTML page (no CDN: the vega scripts are inlined).
+PLOTS_TEMPLATE := $(VENV)/share/distill3r/plots-offline.html
+$(PLOTS_TEMPLATE): $(STAMP) distill3r/plots.py
+	$(BIN)/python -m distill3r.plots --cache $(VENV)/share/distill3r --out $@
+plots: $(PLOTS_TEMPLATE)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc plots show --html-template $(PLOTS_TEMPLATE) -o reports/plots
 
 test: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
