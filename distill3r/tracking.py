@@ -71,6 +71,11 @@ def resolve_tracking_uri(param_uri: str | None, repo_root: str | Path | None = N
     env_uri = os.environ.get("MLFLOW_TRACKING_URI")
     if env_uri:
         return env_uri
+    return default_store_uri(repo_root)
+
+
+def default_store_uri(repo_root: str | Path | None = None) -> str:
+    """The repository's own store: ``sqlite:///<repo_root>/mlflow.db`` (absolute path)."""
     root = Path(repo_root).resolve() if repo_root is not None else default_repo_root()
     return f"sqlite:///{root / 'mlflow.db'}"
 
@@ -320,7 +325,10 @@ class RunRef:
 def write_run_ref(path: str | Path, run: Any, tracking_uri: str | None = None) -> RunRef:
     """Write ``{"run_id", "experiment_id", "tracking_uri", "run_name"}`` of ``run`` (an
     active run or a ``Run``) as JSON to ``path``; ``tracking_uri`` defaults to MLflow's current.
-    """
+
+    The repository's own store (:func:`default_store_uri`) is written as ``null``, so the file
+    stays right in a clone or a moved copy of the repository (it is committed with the code);
+    :func:`read_run_ref` resolves it again (the DVC repository holding the file)."""
     import mlflow
 
     info = run.info
@@ -330,7 +338,10 @@ def write_run_ref(path: str | Path, run: Any, tracking_uri: str | None = None) -
         tracking_uri=tracking_uri or mlflow.get_tracking_uri(),
         run_name=info.run_name,
     )
-    write_json(path, dataclasses.asdict(ref))
+    stored = dataclasses.asdict(ref)
+    if ref.tracking_uri == default_store_uri():
+        stored["tracking_uri"] = None
+    write_json(path, stored)
     return ref
 
 
@@ -342,6 +353,9 @@ def read_run_ref(path: str | Path) -> RunRef:
     unknown = sorted(set(raw) - names)
     if missing or unknown:
         raise ValueError(f"{path}: missing key(s) {missing}, unknown key(s) {unknown}")
+    if raw["tracking_uri"] is None:  # the store of the repository holding the file
+        repo = next((d for d in Path(path).resolve().parents if (d / ".dvc").is_dir()), None)
+        raw["tracking_uri"] = default_store_uri(repo)
     for key in ("run_id", "experiment_id", "tracking_uri"):
         if not isinstance(raw[key], str) or not raw[key]:
             raise ValueError(f"{path}: {key} must be a non-empty string, got {raw[key]!r}")

@@ -6,7 +6,8 @@
 
 Reads ``<cache>/val`` (scored) and ``<cache>/train`` (ground-truth depth for the layout-prior
 baseline) and the ``eval`` section (``model.name`` is checked against the checkpoint). Writes
-``--out`` (metrics for ``dvc metrics``) and prints a summary table; when the ``--run-ref`` file
+``--out`` (the detailed report), ``--headline`` (the headline metrics ``dvc metrics`` shows,
+with the train stage's ``--train-metrics``) and prints a summary table; when the ``--run-ref`` file
 exists the metrics are also logged to that MLflow run as ``eval.<block>.<metric>``.
 """
 
@@ -21,6 +22,8 @@ from pathlib import Path
 
 from distill3r.config import load_params
 from distill3r.evaluation.runner import format_table, run_evaluation
+from distill3r.jsonio import read_json, write_json
+from distill3r.reports import headline_metrics
 from distill3r.tracking import log_report, read_run_ref
 
 
@@ -33,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="metrics JSON to write, e.g. reports/eval.json")
     p.add_argument("--run-ref", help="MLflow run reference of the train stage (used if present)")
     p.add_argument("--max-samples", type=int, help="override eval.max_samples")
+    p.add_argument("--train-metrics", help="the train stage's metrics JSON (for --headline)")
+    p.add_argument("--headline", help="write the headline metrics JSON (DVC metrics) here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -49,8 +54,13 @@ def main(argv: list[str] | None = None) -> int:
             ref = read_run_ref(args.run_ref)
         elif args.run_ref:
             logging.info("%s not found: metrics are not logged to MLflow", args.run_ref)
+        train_report = None
+        if args.train_metrics and Path(args.train_metrics).is_file():
+            train_report = read_json(args.train_metrics)
         result = run_evaluation(params, args.checkpoint, args.cache, args.out,
                                 progress=not args.no_progress)
+        if args.headline:
+            write_json(args.headline, headline_metrics(result.report, train_report))
     except ValueError as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)
         return 1

@@ -298,3 +298,24 @@ def test_dvc_exp_run_tags_and_default_sqlite_store(tmp_path):
     assert got.data.tags["dvc.exp_baseline_rev"] == baseline
     assert got.data.tags["git.dirty"] == "true"  # params.yaml was changed by -S
     assert dvc_tags({}) == {}
+
+
+def test_run_ref_of_the_repository_store_travels_with_the_repository(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from distill3r.tracking import default_store_uri
+
+    repo = tmp_path / "a"
+    (repo / ".dvc").mkdir(parents=True)
+    monkeypatch.setenv("DVC_ROOT", str(repo))
+    run = SimpleNamespace(info=SimpleNamespace(run_id="r1", experiment_id="1", run_name="x"))
+    write_run_ref(repo / "reports" / "mlflow_run.json", run, default_store_uri())
+    assert json.loads((repo / "reports" / "mlflow_run.json").read_text())["tracking_uri"] is None
+    moved = tmp_path / "b"
+    repo.rename(moved)
+    monkeypatch.delenv("DVC_ROOT")
+    ref = read_run_ref(moved / "reports" / "mlflow_run.json")
+    assert ref.tracking_uri == f"sqlite:///{moved.resolve() / 'mlflow.db'}"
+    # a store outside the repository (a lab server) is kept as it is
+    write_run_ref(moved / "ref.json", run, "http://mlflow.lab:5000")
+    assert read_run_ref(moved / "ref.json").tracking_uri == "http://mlflow.lab:5000"
