@@ -47,7 +47,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return torch.load(path, map_location=map_location or "cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError,
                 AttributeError, TypeError, zipfile.BadZipFile) as exc:
-            found = re.search(r"Unsupported global: [^\s]+(?: [^\s]+)?", str(exc))
+            found = re.search(r"(?i)unsupported global:? [^\s]+(?: [^\s]+)?", str(exc))
             why = found.group(0) if found else type(exc).__name__
             raise ValueError(f"{path}: refused: not a training checkpoint that loads without "
                              f"unpickling code ({why}); delete it to train from the start") \
