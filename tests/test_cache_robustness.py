@@ -462,7 +462,8 @@ def test_bad_last_ckpt_is_a_clean_error(tmp_path):
     ckpt = tmp_path / "last.ckpt"
     torch.save({"state_dict": {}, "x": _Payload()}, ckpt)
     io_ = AtomicCheckpointIO()
-    with pytest.raises(ValueError, match=r"last.ckpt: refused: .*unsupported GLOBAL posix.system") as info:
+    with pytest.raises(ValueError,
+                       match=r"last.ckpt: refused: .*unsupported GLOBAL posix.system") as info:
         io_.load_checkpoint(ckpt)
     assert "weights_only=False" not in str(info.value)
     ckpt.write_bytes(pickle.dumps({"a": 1}, protocol=2)[:5])
