@@ -218,8 +218,12 @@ def reconstruct_scene(model: torch.nn.Module, scene: Scene, output_dir: str | Pa
 
 
 def run_inference(images_dir: str | Path, checkpoint: str | Path, output_dir: str | Path,
-                  params: InferParams | None = None) -> list[dict]:
-    """Find the scenes, load the student from ``checkpoint`` and reconstruct every scene."""
+                  params: InferParams | None = None,
+                  failures: list[tuple[str, str]] | None = None) -> list[dict]:
+    """Find the scenes, load the student from ``checkpoint`` and reconstruct every scene.
+
+    With a ``failures`` list, a scene whose input is bad (``ValueError``) is appended to it as
+    ``(scene, message)`` and the other scenes still run; without one the error propagates."""
     params = params or InferParams()
     scenes = find_scenes(images_dir)  # fail on bad input before loading the model
     ckpt = Path(checkpoint)
@@ -236,5 +240,11 @@ def run_inference(images_dir: str | Path, checkpoint: str | Path, output_dir: st
     infos = []
     for scene in scenes:
         log.info("%s: %d image(s)", scene.name, len(scene.images))
-        infos.append(reconstruct_scene(model, scene, output_dir, params, device, ckpt))
+        try:
+            infos.append(reconstruct_scene(model, scene, output_dir, params, device, ckpt))
+        except ValueError as exc:
+            if failures is None:
+                raise
+            log.error("%s: %s", scene.name, exc)
+            failures.append((scene.name, str(exc)))
     return infos

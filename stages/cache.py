@@ -31,16 +31,20 @@ def main(argv: list[str] | None = None) -> int:
     from distill3r.config import load_params
     from distill3r.teachers import get_teacher
 
-    params = load_params(args.params)
-    if args.finalize:
-        plan = plan_cache(args.manifest, params.cache, get_teacher(params.teacher))
-        if not finalize_cache(plan, args.out):
-            print("cache incomplete: some parts have not finished", file=sys.stderr)
-            return 1
-        print(f"cache complete: {args.out}")
-        return 0
-    summary = build_cache(args.manifest, args.out, params, shard_index=args.shard_index,
-                          num_shards=args.num_shards, progress=not args.no_progress)
+    try:
+        params = load_params(args.params)
+        if args.finalize:
+            plan = plan_cache(args.manifest, params.cache, get_teacher(params.teacher))
+            if not finalize_cache(plan, args.out):
+                print("cache: error: incomplete, some parts have not finished", file=sys.stderr)
+                return 1
+            print(f"cache complete: {args.out}")
+            return 0
+        summary = build_cache(args.manifest, args.out, params, shard_index=args.shard_index,
+                              num_shards=args.num_shards, progress=not args.no_progress)
+    except ValueError as exc:  # bad params or input, or another build running: no traceback
+        print(f"cache: error: {exc}", file=sys.stderr)
+        return 1
     state = "complete" if summary["complete"] else "part done (run --finalize after all parts)"
     print(f"cache {state}: built {summary['built']} shard(s), {summary['shards']} shards per "
           f"split, {summary['samples_per_shard']} samples per shard -> {args.out}")

@@ -7,6 +7,8 @@ IMAGES_DIR is one scene folder of images (scene name = folder name; an rgb/ or i
 subfolder also works) or a folder of scene folders. Defaults come from the ``infer`` section of
 ``--params``; flags given on the command line override them. Writes, per scene,
 ``<scene>_student.ply``, ``<scene>_cameras.json``, ``<scene>_info.json``, ``<scene>_preview.png``.
+A scene that fails (e.g. a corrupt image) is reported and the other scenes still run; the exit
+status is then 1, after listing the failed scenes.
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
                      "device": args.device}
         params = dataclasses.replace(params, **{k: v for k, v in overrides.items()
                                                 if v is not None})
-        infos = run_inference(args.images_dir, args.checkpoint, args.output_dir, params)
+        failures: list[tuple[str, str]] = []
+        infos = run_inference(args.images_dir, args.checkpoint, args.output_dir, params,
+                              failures=failures)
     except ValueError as exc:
         print(f"infer: error: {exc}", file=sys.stderr)
         return 1
@@ -57,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{info['scene']}: {info['views']} view(s) at {info['resolution'][0]}x"
               f"{info['resolution'][1]}, {info['points_kept']} points, "
               f"{info['timings_s']['total']:.2f} s -> {info['outputs']['student.ply']}")
+    for scene, message in failures:
+        print(f"infer: error: scene {scene}: {message}", file=sys.stderr)
+    if failures:
+        print(f"infer: {len(failures)} of {len(infos) + len(failures)} scene(s) failed: "
+              f"{', '.join(s for s, _ in failures)}", file=sys.stderr)
+        return 1
     return 0
 
 

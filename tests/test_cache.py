@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from boxroom import make_box_room_manifest
 
-from distill3r.cache.reader import cache_dataset, read_index
+from distill3r.cache.reader import read_index, read_split
 from distill3r.cache.rle import rle_decode
 from distill3r.cache.schema import sample_nbytes_bound
 from distill3r.cache.writer import build_cache, load_sample, plan_cache
@@ -106,7 +106,7 @@ def test_shards_hold_exact_arrays(manifest, tmp_path):
         index = read_index(tmp_path / "cache" / split)
         assert index["teacher"]["fingerprint"] == teacher.fingerprint()
         assert index["num_samples"] == sum(s["samples"] for s in index["shards"])
-        decoded.update({d["key"]: d for d in cache_dataset(tmp_path / "cache" / split, False, 0)})
+        decoded.update({d["key"]: d for d in read_split(tmp_path / "cache" / split)})
         for shard in sorted((tmp_path / "cache" / split).glob("shard-*.tar")):
             with tarfile.open(shard) as tar:
                 members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
@@ -158,7 +158,7 @@ def test_parts_and_finalize(manifest, tmp_path):
     build_cache(manifest, tmp_path / "whole", params, progress=False)
     for split in ("train", "val"):
         assert _tar_bytes(tmp_path / "p" / split) == _tar_bytes(tmp_path / "whole" / split)
-    assert not list((tmp_path / "p").glob(".build-*"))
+    assert sorted(os.listdir(tmp_path)) == [".p.lock", ".whole.lock", "p", "whole"]
     with pytest.raises(ValueError, match="shard_index"):
         build_cache(manifest, tmp_path / "p", params, 2, 2, progress=False)
 
@@ -166,7 +166,7 @@ def test_parts_and_finalize(manifest, tmp_path):
 def test_concurrent_part_refused(manifest, tmp_path):
     params = _params()
     plan = plan_cache(manifest, params.cache, get_teacher(params.teacher))
-    staging = tmp_path / "c" / f".build-{plan.fingerprint}"
+    staging = tmp_path / f".c.build-{plan.fingerprint}"
     staging.mkdir(parents=True)
     with open(staging / "part-0-of-1.lock", "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -192,7 +192,7 @@ def test_failed_rebuild_keeps_complete_cache(manifest, tmp_path):
     after = {s: (_tar_bytes(out / s), (out / s / "index.json").read_bytes())
              for s in ("train", "val")}
     assert after == before
-    assert not list(out.glob(".build-*/*/*.tmp-*"))
+    assert not list(tmp_path.glob(".cache.build-*/cache/*/.*.tmp-*"))
     # new params: rebuilt into staging and swapped in, never mixed with the old shards
     summary = build_cache(manifest, out, _params(seed=1), progress=False)
     for split in ("train", "val"):
@@ -201,7 +201,7 @@ def test_failed_rebuild_keeps_complete_cache(manifest, tmp_path):
         assert index["cache_params"]["seed"] == 1
         assert sorted(p.name for p in (out / split).glob("*.tar")) == \
             [s["name"] for s in index["shards"]]
-    assert not list(out.glob(".build-*")) and not list(out.glob(".old-*"))
+    assert not list(tmp_path.glob(".cache.build-*")) and not list(tmp_path.glob(".cache.trash-*"))
 
 
 @pytest.mark.slow
@@ -217,12 +217,14 @@ def test_sigkill_midway_then_resume(tmp_path):
     proc = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
-    while not list(out.glob(".build-*/*/shard-*.tar")) and time.time() < deadline:
+    while not list(tmp_path.glob(".killed.build-*/cache/*/shard-*.tar")) and \
+            time.time() < deadline:
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "train" / "index.json").exists(), "the build finished before the kill"
-    stale = next(out.glob(".build-*")) / "train" / "shard-000005.tar.tmp-999999"
+    staging = next(tmp_path.glob(".killed.build-*"))
+    stale = staging / "cache" / "train" / ".shard-000005.tar.tmp-999999.tar"
     stale.write_bytes(b"partial")  # as left by a killed writer
     subprocess.run(cmd + ["--out", str(out)], check=True, capture_output=True)
     from distill3r.config import load_params
@@ -231,6 +233,6 @@ def test_sigkill_midway_then_resume(tmp_path):
         assert _keys(out / split) == _keys(tmp_path / "clean" / split)
         assert len(set(_keys(out / split))) == read_index(out / split)["num_samples"]
         assert _tar_bytes(out / split) == _tar_bytes(tmp_path / "clean" / split)
-    leftovers = [p for p in out.rglob("*") if ".tmp" in p.name or p.name.startswith(".build")]
+    leftovers = [p for p in tmp_path.rglob("*") if ".tmp" in p.name or ".build-" in p.name]
     assert leftovers == []
     assert sorted(os.listdir(out)) == ["train", "val"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from distill3r.cache.reader import cache_dataset
+from distill3r.cache.reader import read_split
 from distill3r.cache.writer import build_cache
 from distill3r.config import CacheParams, DataParams, DemoParams, Params, SourceParams
 from distill3r.data.build import build_manifest
@@ -118,7 +118,7 @@ def test_report_scores_and_mlflow_logging(world, tmp_path):
 
 
 def test_without_ground_truth_only_agreement(world):
-    samples = list(cache_dataset(world["cache"] / "val", shuffle=False, seed=0))
+    samples = list(read_split(world["cache"] / "val"))
     bare = {k: v for k, v in samples[0].items() if k not in ("depth", "K", "c2w")}
     pred = {k: bare[k].numpy() for k in ("xyz_global", "xyz_local", "conf_global",
                                          "conf_local")}

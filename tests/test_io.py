@@ -95,7 +95,7 @@ def test_opencv_refusals_become_errors_naming_the_file(tmp_path):
     _png_claiming(huge, 100_000, 100_000)
     with pytest.raises(cv2.error):  # the case really reaches OpenCV's own error
         cv2.imread(str(huge), cv2.IMREAD_UNCHANGED)
-    with pytest.raises(ValueError, match="huge.png: not a readable image"):
+    with pytest.raises(ValueError, match="huge.png: not a readable image.*10000000000 pixels"):
         io.read_image(huge)
     with pytest.raises(ValueError, match="huge.png: not a single-channel depth image"):
         io.read_depth(huge)

@@ -1,1 +1,2 @@
-"""Teacher cache: RLE masks, the shard sample format, the shard writer and the reader."""
+"""Teacher cache: RLE masks, the sample format, bounded npz and tar readers, the shard writer,
+the atomic swap of a complete build, and the one reader of training and evaluation."""

@@ -1,58 +1,226 @@
-"""Read the teacher cache: index, shard list, a WebDataset pipeline of decoded samples, batches.
+"""Read the teacher cache: the one reader used by training and evaluation.
 
-``cache_dataset`` splits shards by DDP rank (``wds.split_by_node``) and then by DataLoader worker
-(``wds.split_by_worker``), so every sample is read exactly once per epoch across all ranks and
-workers, provided there are at least ``world_size * num_workers`` shards. In WebDataset 1.0.2
-the shard shuffle runs after the split: a rank always reads the same shards (only their order
-and the sample order change), so the per-rank sample count is fixed and known from
-``index.json``: ``samples_per_rank`` gives it, for a data module that must give every rank the
-same number of batches (e.g. ``min(samples_per_rank(...)) // batch_size`` batches per epoch).
+A split folder holds ``index.json`` and plain tar shards. :func:`read_index` validates the
+index as a schema (types, counts >= 0, shard names plain file names inside the folder, sizes
+under the ceilings) and :func:`split_shards` checks every listed shard exists with the size the
+index records. :func:`shard_samples` reads one shard's raw samples (strict tar reader, known
+member names, no duplicates, every required member) and fails when the shard holds fewer or
+more samples than ``index.json`` lists, so a cut or edited shard is never read short silently.
+:func:`decode_sample` (``schema.py``) checks a sample's checksum and every size before
+allocating. :func:`read_range` serves training (a window over the concatenated shards),
+:func:`read_split` evaluation (every sample in index order). All errors are
+:class:`CacheError`, naming the file, the sample and the member.
 """
 
 from __future__ import annotations
 
-import tarfile
+import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
-from distill3r.cache.schema import FORMAT, INDEX_NAME, decode_sample, read_json_or_none
-from distill3r.data.sampling import stable_seed
+from distill3r.cache.errors import CacheError
+from distill3r.cache.schema import (FORMAT, INDEX_NAME, KEY_RE, MAX_SAMPLE_PIXELS, MEMBERS,
+                                    REQUIRED_MEMBERS, decode_sample, member_bytes_bound)
+from distill3r.cache.tar import BLOCK, tar_members
 
-__all__ = ["read_index", "list_shards", "cache_dataset", "collate_samples", "check_compatible",
-           "samples_per_rank", "shard_sample_counts", "decode_sample", "CorruptShardError",
-           "shard_samples"]
+__all__ = ["CacheError", "Shard", "read_index", "split_shards", "shard_samples", "read_range",
+           "read_split", "decode_sample", "check_compatible", "check_same_build",
+           "collate_samples"]
+
+SHARD_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*\.tar$")
+MAX_INDEX_BYTES = 64 << 20
+# a sample has at least its required members, each a header block plus one data block
+MIN_SAMPLE_BYTES = len(REQUIRED_MEMBERS) * 2 * BLOCK
 
 
-class CorruptShardError(ValueError):
-    """A shard that cannot be read as a tar (truncated, overwritten...)."""
+@dataclass(frozen=True)
+class Shard:
+    """One shard of a split: its path, sample count and per-sample ``(N, H, W)``."""
 
-    def __str__(self) -> str:  # WebDataset appends context to args; keep the message readable
-        return str(self.args[0]) if self.args else ""
+    path: Path
+    num_samples: int
+    shape: Optional[tuple[int, int, int]] = None
 
 
-def read_index(split_dir: str | Path) -> dict:
-    """``<split_dir>/index.json`` (``ValueError`` naming the file if missing or invalid)."""
+def _int(value: Any, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _check_shards(shards: Any, where: str) -> int:
+    if not isinstance(shards, list):
+        raise CacheError(f"'shards' must be a list, got {type(shards).__name__}", where)
+    names: set[str] = set()
+    for i, s in enumerate(shards):
+        if not isinstance(s, dict):
+            raise CacheError(f"shards[{i}] must be an object, got {type(s).__name__}", where)
+        name = s.get("name")
+        if not isinstance(name, str) or not SHARD_NAME_RE.match(name):
+            raise CacheError(f"shards[{i}].name {name!r} is not a plain shard file name (no "
+                             "folders, no '..')", where)
+        if name in names:
+            raise CacheError(f"shard {name} is listed twice", where)
+        names.add(name)
+        if not _int(s.get("samples")) or not _int(s.get("bytes")):
+            raise CacheError(f"shards[{i}] ({name}): 'samples' and 'bytes' must be integers "
+                             f">= 0, got {s.get('samples')!r}, {s.get('bytes')!r}", where)
+        if s["samples"] * MIN_SAMPLE_BYTES > s["bytes"]:
+            raise CacheError(f"shards[{i}] ({name}): {s['samples']} samples cannot fit in "
+                             f"{s['bytes']} bytes", where)
+    return sum(s["samples"] for s in shards)
+
+
+def read_index(split_dir: str | Path, max_pixels: int = MAX_SAMPLE_PIXELS) -> dict:
+    """``<split_dir>/index.json``, validated; :class:`CacheError` naming the file otherwise.
+
+    ``max_pixels`` bounds ``views_per_sample x H x W``."""
     path = Path(split_dir) / INDEX_NAME
-    index = read_json_or_none(path)
-    if index is None:
-        raise ValueError(f"{path}: cache index missing or unreadable (run the cache stage)")
-    if index.get("format") != FORMAT or not isinstance(index.get("shards"), list):
-        raise ValueError(f"{path}: not a {FORMAT} index (format {index.get('format')!r})")
+    where = str(path)
+    try:
+        if path.stat().st_size > MAX_INDEX_BYTES:
+            raise CacheError(f"larger than {MAX_INDEX_BYTES} bytes", where)
+        index = json.loads(path.read_bytes().decode())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CacheError(f"cache index missing or unreadable ({type(exc).__name__}): run the "
+                         "cache stage", where) from exc
+    if not isinstance(index, dict):
+        raise CacheError(f"must hold a JSON object, got {type(index).__name__}", where)
+    if index.get("format") != FORMAT:
+        raise CacheError(f"not a {FORMAT} index (format {index.get('format')!r}): rebuild the "
+                         "cache (dvc repro cache)", where)
+    for key in ("split", "fingerprint"):
+        if not isinstance(index.get(key), str):
+            raise CacheError(f"{key!r} must be a string, got {index.get(key)!r}", where)
+    if not isinstance(index.get("teacher"), dict):
+        raise CacheError("'teacher' must be an object", where)
+    total = _check_shards(index.get("shards"), where)
+    if index.get("num_samples") != total:
+        raise CacheError(f"num_samples {index.get('num_samples')!r} != the shards' sum {total}",
+                         where)
+    size, views = index.get("image_size"), index.get("views_per_sample")
+    if not isinstance(size, list) or len(size) != 2 or not all(_int(s, 1) for s in size) \
+            or not _int(views, 1):
+        raise CacheError(f"image_size {size!r} must be [H, W] and views_per_sample {views!r} an "
+                         "integer >= 1", where)
+    if views * size[0] * size[1] > max_pixels:
+        raise CacheError(f"{views} views of {size[0]}x{size[1]} exceed the ceiling of "
+                         f"{max_pixels} pixels per sample", where)
     return index
 
 
-def list_shards(split_dir: str | Path) -> list[str]:
-    """Absolute paths of the split's shards in index order; every listed shard must exist."""
-    split_dir = Path(split_dir).resolve()
-    index = read_index(split_dir)
-    paths = [split_dir / s["name"] for s in index["shards"]]
-    missing = [p.name for p in paths if not p.is_file()]
-    if missing:
-        raise ValueError(f"{split_dir}: shard(s) listed in {INDEX_NAME} are missing: "
-                         f"{', '.join(missing[:5])}")
-    return [str(p) for p in paths]
+def split_shards(split_dir: str | Path, max_pixels: int = MAX_SAMPLE_PIXELS
+                 ) -> tuple[dict, list[Shard]]:
+    """``(index, shards)`` of a split folder: the shards with at least one sample, in index
+    order; each listed shard must exist with the size ``index.json`` records. ``CacheError``
+    naming the folder when it is missing, unindexed, inconsistent or holds no sample."""
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise CacheError("cache split folder not found (run the cache stage first)",
+                         str(split_dir))
+    index = read_index(split_dir, max_pixels)
+    shape = (index["views_per_sample"], *index["image_size"])
+    shards = []
+    for s in index["shards"]:
+        path = split_dir.resolve() / s["name"]
+        if not path.is_file():
+            raise CacheError(f"shard listed in {INDEX_NAME} is missing", str(path))
+        if path.stat().st_size != s["bytes"]:
+            raise CacheError(f"{path.stat().st_size} bytes, {INDEX_NAME} lists {s['bytes']} "
+                             "(truncated or replaced shard)", str(path))
+        if s["samples"]:
+            shards.append(Shard(path, s["samples"], shape))
+    if not shards:
+        raise CacheError("the cache split holds no samples", str(split_dir))
+    return index, shards
+
+
+def _finished(sample: dict) -> dict:
+    for member in REQUIRED_MEMBERS:
+        if member not in sample:
+            raise CacheError("missing (incomplete or foreign sample)", sample["__url__"],
+                             sample["__key__"], member)
+    return sample
+
+
+def shard_samples(path: str | Path, expected: Optional[int] = None,
+                  shape: Optional[tuple[int, int, int]] = None) -> Iterator[dict]:
+    """Raw samples of one shard in stored order (member name -> bytes, ``__key__``,
+    ``__url__``).
+
+    Args:
+        expected: the sample count ``index.json`` lists; more or fewer is a ``CacheError``
+            (raised when the shard has been read to its end).
+        shape: ``(N, H, W)`` of the split's samples: members above the size such a sample can
+            have are refused before they are read (default: the ``MAX_SAMPLE_PIXELS`` ceiling).
+    """
+    url = str(path)
+    limit = member_bytes_bound(*shape) if shape else member_bytes_bound(1, 1, MAX_SAMPLE_PIXELS)
+    seen: set[str] = set()
+    sample: Optional[dict] = None
+    for name, data in tar_members(url, limit):
+        key, dot, member = name.partition(".")
+        if not dot or not KEY_RE.match(key) or member not in MEMBERS:
+            raise CacheError(f"unexpected member name (members are <key>.{{{','.join(MEMBERS)}}})",
+                             url, member=name)
+        if sample is not None and sample["__key__"] != key:
+            yield _finished(sample)
+            sample = None
+        if sample is None:
+            if key in seen:
+                raise CacheError("appears twice in the shard (duplicated or split sample)", url,
+                                 key)
+            if expected is not None and len(seen) >= expected:
+                raise CacheError(f"the shard holds more than the {expected} samples "
+                                 f"{INDEX_NAME} lists", url, key)
+            seen.add(key)
+            sample = {"__key__": key, "__url__": url}
+        if member in sample:
+            raise CacheError("appears twice in the sample", url, key, member)
+        sample[member] = data
+    if sample is not None:
+        yield _finished(sample)
+    if expected is not None and len(seen) != expected:
+        raise CacheError(f"holds {len(seen)} samples but {INDEX_NAME} lists {expected} (cut or "
+                         "rewritten shard: rebuild or pull the cache again)", url)
+
+
+def read_range(shards: list[Shard], start: int, length: int) -> Iterator[dict]:
+    """Raw samples at positions ``start .. start + length - 1`` (modulo the total) of the
+    concatenation of ``shards``; each shard is checked against its listed sample count."""
+    total = sum(s.num_samples for s in shards)
+    ends = np.cumsum([s.num_samples for s in shards])
+    pos, remaining = start % total, length
+    while remaining > 0:
+        i = int(np.searchsorted(ends, pos, side="right"))
+        skip = pos - (int(ends[i]) - shards[i].num_samples)
+        take = min(remaining, shards[i].num_samples - skip)
+        got = 0
+        for j, raw in enumerate(shard_samples(shards[i].path, shards[i].num_samples,
+                                              shards[i].shape)):
+            if j >= skip:
+                yield raw
+                got += 1
+                if got == take:
+                    break
+        remaining -= take
+        pos = (pos + take) % total
+
+
+def read_split(split_dir: str | Path, max_samples: Optional[int] = None, decode: bool = True,
+               max_pixels: int = MAX_SAMPLE_PIXELS) -> Iterator[dict]:
+    """Every sample of a split in index order (shards in ``index.json`` order, samples in
+    shard order), decoded (:func:`decode_sample`) or raw; at most ``max_samples``."""
+    _, shards = split_shards(split_dir, max_pixels)
+    count = 0
+    for shard in shards:
+        for raw in shard_samples(shard.path, shard.num_samples, shard.shape):
+            if max_samples is not None and count >= max_samples:
+                return
+            yield decode_sample(raw, shard.shape) if decode else raw
+            count += 1
 
 
 def check_compatible(index: dict, teacher_fingerprint: str | None = None,
@@ -73,119 +241,18 @@ def check_compatible(index: dict, teacher_fingerprint: str | None = None,
                          + ". Rebuild the cache with the current params (dvc repro cache).")
 
 
-def samples_per_rank(index: dict, world_size: int, num_workers: int = 0) -> list[int]:
-    """Samples each DDP rank reads per epoch (shards ``rank::world_size``, as split_by_node).
-
-    ``ValueError`` if some rank (or DataLoader worker) would get no shard at all."""
-    counts = [int(s["samples"]) for s in index["shards"]]
-    need = world_size * max(1, num_workers)
-    if len(counts) < need:
-        raise ValueError(f"cache split {index.get('split')!r} has {len(counts)} shard(s); "
-                         f"{world_size} rank(s) x {max(1, num_workers)} worker(s) need at least "
-                         f"{need}: lower cache.shard_max_samples and rebuild")
-    return [sum(counts[r::world_size]) for r in range(world_size)]
-
-
-def _member_key(name: str) -> str:
-    return Path(name).name.split(".", 1)[0]
-
-
-def _find_member_error(url: str) -> str:
-    """Where a tar stops being readable (diagnostics on the error path only)."""
-    last = current = None
-    try:
-        with tarfile.open(url, mode="r|") as tar:  # shards are plain tars (offsets below)
-            for info in tar:
-                current = info.name
-                f = tar.extractfile(info)
-                if f is not None:
-                    f.read()
-                last, current = info.name, None
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        if current is not None:
-            return f"in member {current!r} (sample {_member_key(current)}): {exc}"
-        if last is not None:
-            return f"after member {last!r} (sample {_member_key(last)}): {exc}"
-        return f"at its first header: {exc}"
-    return "no error on a second read"
-
-
-def _raise_corrupt_shard(exn: Exception) -> bool:
-    """WebDataset handler: turn tar errors into ``CorruptShardError`` naming shard and key."""
-    if isinstance(exn, ValueError):
-        raise exn
-    url = next((a for a in exn.args if isinstance(a, str) and a.endswith(".tar")), None)
-    if url is None:  # inner tar iterator: re-raise so the expander adds the shard url
-        raise exn
-    raise CorruptShardError(f"{url}: truncated or corrupt shard, {_find_member_error(url)}") \
-        from exn
-
-
-def shard_samples(path: str | Path) -> Iterator[dict]:
-    """Raw samples of one shard in stored order (member name -> bytes, ``__key__``,
-    ``__url__``); a truncated or corrupt tar raises ``CorruptShardError`` naming the shard and
-    the sample where reading stopped (WebDataset's own tar reader ends silently there)."""
-    url = str(path)
-    sample: dict | None = None
-    current = None
-    try:
-        with tarfile.open(url, mode="r|*") as tar:
-            for info in tar:
-                if not info.isfile():
-                    continue
-                current = info.name
-                key, _, member = Path(info.name).name.partition(".")
-                data = tar.extractfile(info).read()
-                if len(data) != info.size:
-                    raise EOFError(f"{len(data)} of {info.size} bytes")
-                if sample is not None and sample["__key__"] != key:
-                    yield sample
-                    sample = None
-                if sample is None:
-                    sample = {"__key__": key, "__url__": url}
-                sample[member] = data
-                current = None
-            end = tar.offset
-        with open(url, "rb") as f:  # a tar cut at a member boundary just looks shorter
-            f.seek(end)
-            if f.read(512) != bytes(512):
-                raise EOFError("no end-of-archive marker")
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        where = (f"in member {current!r} (sample {_member_key(current)})" if current
-                 else f"after sample {sample['__key__']}" if sample else "at its first header")
-        raise CorruptShardError(f"{url}: truncated or corrupt shard, {where}: {exc}") from exc
-    if sample is not None:
-        yield sample
-
-
-def cache_dataset(split_dir: str | Path, shuffle: bool, seed: int, *, epoch: int = 0,
-                  shuffle_buffer: int = 256, decode: bool = True):
-    """A WebDataset pipeline over the split's shards yielding decoded samples (``decode_sample``).
-
-    Args:
-        shuffle: shuffle shard order and samples (buffer ``shuffle_buffer``) — for training.
-        seed, epoch: the shuffles are seeded from ``(seed, epoch)``: pass the epoch (or rebuild
-            the pipeline each epoch) for a new order every epoch; reruns are reproducible.
-        decode: False yields raw byte samples (for throughput measurements).
-    """
-    import webdataset as wds
-
-    urls = list_shards(split_dir)
-    if not urls:
-        raise ValueError(f"{split_dir}: the cache split has no shards (no samples)")
-    mixed = stable_seed(seed, epoch)
-    dataset = wds.WebDataset(urls, shardshuffle=len(urls) if shuffle else False,
-                             nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker,
-                             seed=mixed, handler=_raise_corrupt_shard, empty_check=False)
-    if shuffle:
-        dataset = dataset.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 64), seed=mixed + 1)
-    return dataset.map(decode_sample) if decode else dataset
+def check_same_build(train_index: dict, val_index: dict, cache_dir: str | Path) -> None:
+    """``CacheError`` unless both splits carry the same build fingerprint (one build, swapped
+    in together)."""
+    if train_index.get("fingerprint") != val_index.get("fingerprint"):
+        raise CacheError(f"the train and val splits come from different builds (fingerprints "
+                         f"{train_index.get('fingerprint')} and {val_index.get('fingerprint')})"
+                         ": rebuild the cache (dvc repro cache)", str(cache_dir))
 
 
 def collate_samples(samples: list[dict]) -> dict[str, Any]:
     """Stack decoded samples to ``[B,N,...]``; ``key``/``meta`` become lists. Ground-truth keys
-    are kept only when every sample has them (sources without ground truth may be mixed);
-    WebDataset's ``__key__``/``__url__`` entries are dropped."""
+    are kept only when every sample has them (sources without ground truth may be mixed)."""
     import torch
 
     if not samples:
@@ -200,8 +267,3 @@ def collate_samples(samples: list[dict]) -> dict[str, Any]:
                              f"{sorted(shapes)} (keys {batch['key']})")
         batch[name] = torch.stack([s[name] for s in samples])
     return batch
-
-
-def shard_sample_counts(index: dict) -> np.ndarray:
-    """Samples per shard, in index order."""
-    return np.array([int(s["samples"]) for s in index["shards"]], dtype=np.int64)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from distill3r.cache.errors import CacheError
+
 _INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -31,28 +33,44 @@ def rle_encode(mask: np.ndarray) -> np.ndarray:
     return runs.astype(np.int32)
 
 
-def rle_decode(runs: np.ndarray, shape) -> np.ndarray:
+def rle_decode(runs: np.ndarray, shape, max_size: int = _INT32_MAX) -> np.ndarray:
     """Decode run lengths back to a bool mask of ``shape``.
 
-    Raises ``ValueError`` for corrupt input: runs not 1-D integers, negative runs, a negative or
-    non-integer shape, or a total length that does not match the shape.
+    Every size is checked before anything is allocated: the shape's element count (in Python
+    integers, so no overflow) must be at most ``max_size`` (and int32-countable), there can be
+    at most ``size + 1`` runs, and each run lies in ``[0, size]``, so their int64 sum cannot
+    wrap. Raises :class:`CacheError` for corrupt input (runs not 1-D integers, negative runs, a
+    bad shape, a total length that does not match the shape).
     """
     runs = np.asarray(runs)
     shape_arr = np.asarray(shape)
     if runs.ndim != 1 or not np.issubdtype(runs.dtype, np.integer):
-        raise ValueError(f"corrupt RLE: runs must be a 1-D integer array, got {runs.dtype} "
-                         f"with shape {runs.shape}")
-    if shape_arr.ndim != 1 or not np.issubdtype(shape_arr.dtype, np.integer):
-        raise ValueError(f"corrupt RLE: shape must be a 1-D integer array, got {shape_arr!r}")
-    if np.any(shape_arr < 0):
-        raise ValueError(f"corrupt RLE: negative dimension in shape {shape_arr.tolist()}")
-    if np.any(runs < 0):
-        raise ValueError("corrupt RLE: negative run length")
+        raise CacheError(f"corrupt RLE: runs must be a 1-D integer array, got {runs.dtype} "
+                         f"with shape {list(runs.shape)}")
+    if shape_arr.ndim != 1 or shape_arr.size > 8 or not np.issubdtype(shape_arr.dtype,
+                                                                      np.integer):
+        raise CacheError(f"corrupt RLE: shape must be a short 1-D integer array, got "
+                         f"{shape_arr.dtype} {list(shape_arr.shape)}")
     shape_t = tuple(int(s) for s in shape_arr)
-    size = int(np.prod(shape_t, dtype=np.int64))
-    total = int(runs.astype(np.int64).sum())
+    if any(s < 0 for s in shape_t):
+        raise CacheError(f"corrupt RLE: negative dimension in shape {list(shape_t)}")
+    size = 1
+    for s in shape_t:
+        size *= s
+    if size > min(max_size, _INT32_MAX):
+        raise CacheError(f"corrupt RLE: shape {list(shape_t)} has {size} elements, above the "
+                         f"limit {min(max_size, _INT32_MAX)}")
+    if runs.size > size + 1:
+        raise CacheError(f"corrupt RLE: {runs.size} runs for {size} elements")
+    if runs.size and int(runs.min()) < 0:
+        raise CacheError("corrupt RLE: negative run length")
+    if runs.size and int(runs.max()) > size:
+        raise CacheError(f"corrupt RLE: a run of {int(runs.max())} is longer than the mask "
+                         f"({size} elements)")
+    runs64 = runs.astype(np.int64)
+    total = int(runs64.sum())  # <= (size + 1) * size < 2^63: cannot wrap
     if total != size:
-        raise ValueError(f"corrupt RLE: runs cover {total} elements but shape {list(shape_t)} "
+        raise CacheError(f"corrupt RLE: runs cover {total} elements but shape {list(shape_t)} "
                          f"has {size}")
     values = (np.arange(runs.size) % 2).astype(np.bool_)  # False, True, False, ...
-    return np.repeat(values, runs.astype(np.int64)).reshape(shape_t)
+    return np.repeat(values, runs64).reshape(shape_t)

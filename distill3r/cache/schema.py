@@ -1,4 +1,4 @@
-"""The cache sample format (CONTRACTS.md, data contract 3): encode to and decode from bytes.
+"""The cache sample format: encode to and decode from bytes.
 
 One WebDataset sample = one multi-view sample, members:
 - ``teacher.npz``: ``xyz_global``, ``xyz_local`` float16 ``[N,H,W,3]``; ``conf_global``,
@@ -7,25 +7,38 @@ One WebDataset sample = one multi-view sample, members:
 - ``images.npz``: ``images`` uint8 ``[N,H,W,3]``;
 - ``gt.npz`` (when the source has ground truth): ``depth`` float32 ``[N,H,W]`` (0 invalid),
   ``K`` float32 ``[N,3,3]`` (cache resolution), ``c2w`` float32 ``[N,4,4]``;
-- ``meta.json``: dataset, scene, split, frames, teacher name/fingerprint, image_size, ...
+- ``meta.json``: dataset, scene, split, frames, teacher name/fingerprint, image_size, ...;
+- ``sha256``: the hex SHA-256 of the key and every other member (:func:`sample_digest`), so a
+  changed byte anywhere in the sample (``meta.json`` too) is detected.
 The npz members are ordinary compressed npz files (what ``np.savez_compressed`` writes) with
-fixed zip timestamps, so identical arrays give identical bytes. Reading never unpickles.
+fixed zip timestamps, so identical arrays give identical bytes. Decoding checks every size a
+member claims against the sample's own shapes before allocating (``npz.py``) and never
+unpickles; every failure is a :class:`~distill3r.cache.errors.CacheError` naming the shard,
+the sample and the member.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
 import zipfile
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
+from distill3r.cache.errors import CacheError
+from distill3r.cache.npz import ArraySpec, read_npz
 from distill3r.cache.rle import rle_decode, rle_encode
 from distill3r.teachers.base import TeacherOutput
 
-FORMAT = "distill3r-cache/1"  # index.json "format"
+FORMAT = "distill3r-cache/2"  # index.json "format" (2: per-sample sha256 member)
+MEMBERS = ("gt.npz", "images.npz", "meta.json", "sha256", "teacher.npz")
+REQUIRED_MEMBERS = ("images.npz", "meta.json", "sha256", "teacher.npz")
+DIGEST_MEMBER = "sha256"
+MAX_SAMPLE_PIXELS = 100_000_000  # default ceiling of views x H x W in one sample
+MAX_META_BYTES = 1 << 20
 INDEX_NAME = "index.json"
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 TEACHER_ARRAYS = ("xyz_global", "xyz_local", "conf_global", "conf_local", "mask_rle", "mask_shape")
@@ -100,7 +113,25 @@ def encode_sample(key: str, teacher_out: TeacherOutput, images: np.ndarray,
             gt32[name] = a
         sample["gt.npz"] = npz_bytes(gt32)
     sample["meta.json"] = json.dumps(meta, sort_keys=True).encode()
+    sample[DIGEST_MEMBER] = sample_digest(sample).encode()
     return sample
+
+
+def sample_digest(raw: dict) -> str:
+    """Hex SHA-256 over the key and every member except ``sha256`` (sorted by name, each as
+    ``name NUL length NUL bytes``)."""
+    digest = hashlib.sha256(f"{raw.get('__key__')}\0".encode())
+    for name in sorted(k for k in raw if not k.startswith("__") and k != DIGEST_MEMBER):
+        data = raw[name]
+        digest.update(f"{name}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def member_bytes_bound(n: int, h: int, w: int) -> int:
+    """An upper bound of any one member's size (bytes in the tar) for ``n`` views of ``h x w``
+    (a deflate stream of incompressible data is at most ~0.1 % larger than the data)."""
+    return sample_nbytes_bound(n, h, w) * 101 // 100 + MAX_META_BYTES
 
 
 def read_json_or_none(path) -> dict | None:
@@ -115,79 +146,96 @@ def read_json_or_none(path) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 # Decoding
 # ---------------------------------------------------------------------------------------------
-def _load_npz(raw: dict, member: str, where: str) -> dict[str, np.ndarray]:
-    data = raw[member]
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise ValueError(f"{where}: member {member} is {type(data).__name__}, expected raw bytes "
-                         "(do not add a WebDataset .decode() stage)")
+def _arrays(raw: dict, member: str, specs: dict[str, ArraySpec], url, key) -> dict:
     try:
-        with np.load(io.BytesIO(bytes(data)), allow_pickle=False) as z:
-            return {name: z[name] for name in z.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise ValueError(f"{where}: member {member} is not a readable npz: {exc}") from exc
+        return read_npz(raw[member], specs)
+    except CacheError as exc:
+        raise exc.located(url, key, member) from exc
 
 
-def _expect(arrays: dict, name: str, dtype, shape: tuple, member: str, where: str) -> np.ndarray:
-    if name not in arrays:
-        raise ValueError(f"{where}: {member} has no array {name!r}")
-    a = arrays[name]
-    if a.dtype != dtype or a.shape != shape:
-        raise ValueError(f"{where}: {member}:{name} must be {np.dtype(dtype)} {list(shape)}, "
-                         f"got {a.dtype} {list(a.shape)}")
-    if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
-        raise ValueError(f"{where}: {member}:{name} has non-finite values")
+def _finite(a: np.ndarray, name: str, member: str, url, key) -> np.ndarray:
+    if not np.all(np.isfinite(a)):
+        raise CacheError(f"array {name} has non-finite values", url, key, member)
     return a
 
 
-def decode_sample(raw: dict) -> dict[str, Any]:
-    """A raw WebDataset sample (bytes members) -> tensors (CONTRACTS.md, reader API).
+def decode_sample(raw: dict, shape: Optional[tuple[int, int, int]] = None,
+                  max_pixels: int = MAX_SAMPLE_PIXELS) -> dict[str, Any]:
+    """A raw sample (member name -> bytes, ``__key__``, ``__url__``) -> tensors.
 
+    Args:
+        shape: the ``(N, H, W)`` every sample of the split has (from ``index.json``); None
+            takes it from ``images.npz``'s header, bounded by ``max_pixels`` (N x H x W).
     Returns ``key``, ``images`` float32 ``[N,3,H,W]`` in [0,1], ``xyz_global``/``xyz_local``
     float32 ``[N,H,W,3]``, ``conf_global``/``conf_local`` float32 ``[N,H,W]``, ``mask`` bool
     ``[N,H,W]``, ``meta`` dict and, with ground truth, ``depth``, ``K``, ``c2w`` (float32).
-    Raises ``ValueError`` naming the shard (``__url__``) and key for any corrupt sample.
+    Raises :class:`CacheError` naming the shard (``__url__``), the key and the member.
     """
     import torch
 
-    where = f"{raw.get('__url__', '<unknown shard>')}: sample {raw.get('__key__', '<no key>')}"
-    for member in ("teacher.npz", "images.npz", "meta.json"):
+    from distill3r.models.inputs import images_to_input
+
+    url, key = str(raw.get("__url__", "<unknown shard>")), str(raw.get("__key__", "<no key>"))
+    for member in REQUIRED_MEMBERS:
         if member not in raw:
-            raise ValueError(f"{where}: missing member {member} (incomplete or foreign sample)")
-    images = _load_npz(raw, "images.npz", where).get("images")
-    if images is None or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{where}: images.npz:images must be uint8 [N,H,W,3]")
+            raise CacheError("missing (incomplete or foreign sample)", url, key, member)
+    for member in raw:
+        if not member.startswith("__") and not isinstance(raw[member],
+                                                          (bytes, bytearray, memoryview)):
+            raise CacheError(f"is {type(raw[member]).__name__}, expected raw bytes", url, key,
+                             member)
+    if bytes(raw[DIGEST_MEMBER]) != sample_digest(raw).encode():
+        raise CacheError("checksum mismatch: the sample's bytes changed after it was written",
+                         url, key, DIGEST_MEMBER)
+    px_max = max_pixels if shape is None else int(shape[0]) * int(shape[1]) * int(shape[2])
+    want = (None, None, None) if shape is None else tuple(shape)
+    images = _arrays(raw, "images.npz", {"images": ArraySpec(np.uint8, (*want, 3), 3 * px_max)},
+                     url, key)["images"]
     n, h, w = images.shape[:3]
-    t = _load_npz(raw, "teacher.npz", where)
-    out: dict[str, Any] = {"key": raw.get("__key__")}
-    for name in ("xyz_global", "xyz_local"):
-        out[name] = _expect(t, name, np.float16, (n, h, w, 3), "teacher.npz", where)
+    if min(n, h, w) < 1 or n * h * w > px_max:
+        raise CacheError(f"images {list(images.shape)} outside 1 <= N x H x W <= {px_max}",
+                         url, key, "images.npz")
+    px = n * h * w
+    f16 = {name: ArraySpec(np.float16, (n, h, w, 3), 3 * px) for name in ("xyz_global",
+                                                                          "xyz_local")}
+    f16.update({name: ArraySpec(np.float16, (n, h, w), px) for name in ("conf_global",
+                                                                         "conf_local")})
+    t = _arrays(raw, "teacher.npz", {**f16, "mask_rle": ArraySpec(np.int32, (None,), px + 1),
+                                     "mask_shape": ArraySpec(np.int64, (3,), 3)}, url, key)
+    for name in f16:
+        _finite(t[name], name, "teacher.npz", url, key)
     for name in ("conf_global", "conf_local"):
-        out[name] = _expect(t, name, np.float16, (n, h, w), "teacher.npz", where)
-        if np.any(out[name] < 1):
-            raise ValueError(f"{where}: teacher.npz:{name} has values below 1")
-    if "mask_rle" not in t or "mask_shape" not in t:
-        raise ValueError(f"{where}: teacher.npz has no mask_rle/mask_shape")
+        if np.any(t[name] < 1):
+            raise CacheError(f"array {name} has values below 1", url, key, "teacher.npz")
+    if t["mask_shape"].tolist() != [n, h, w]:
+        raise CacheError(f"mask_shape {t['mask_shape'].tolist()} != images {[n, h, w]}", url,
+                         key, "teacher.npz")
     try:
-        mask = rle_decode(t["mask_rle"], t["mask_shape"])
-    except ValueError as exc:
-        raise ValueError(f"{where}: teacher.npz mask: {exc}") from exc
-    if mask.shape != (n, h, w):
-        raise ValueError(f"{where}: mask shape {list(mask.shape)} != images {[n, h, w]}")
+        mask = rle_decode(t["mask_rle"], t["mask_shape"], max_size=px)
+    except CacheError as exc:
+        raise exc.located(url, key, "teacher.npz") from exc
+    meta_bytes = bytes(raw["meta.json"])
+    if len(meta_bytes) > MAX_META_BYTES:
+        raise CacheError(f"{len(meta_bytes)} bytes, above {MAX_META_BYTES}", url, key,
+                         "meta.json")
     try:
-        meta = json.loads(bytes(raw["meta.json"]).decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{where}: meta.json is not valid JSON: {exc}") from exc
+        meta = json.loads(meta_bytes.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CacheError(f"not valid JSON: {type(exc).__name__}", url, key, "meta.json") \
+            from exc
     if not isinstance(meta, dict):
-        raise ValueError(f"{where}: meta.json must hold an object")
-    result = {"key": out["key"],
-              "images": torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)}
-    for name in ("xyz_global", "xyz_local", "conf_global", "conf_local"):
-        result[name] = torch.from_numpy(out[name].astype(np.float32))
+        raise CacheError("must hold a JSON object", url, key, "meta.json")
+    result = {"key": raw.get("__key__"),
+              "images": images_to_input(images)}
+    for name in f16:
+        result[name] = torch.from_numpy(t[name].astype(np.float32))
     result["mask"] = torch.from_numpy(mask)
     if "gt.npz" in raw:
-        g = _load_npz(raw, "gt.npz", where)
-        shapes = {"depth": (n, h, w), "K": (n, 3, 3), "c2w": (n, 4, 4)}
-        for name, shape in shapes.items():
-            result[name] = torch.from_numpy(_expect(g, name, np.float32, shape, "gt.npz", where))
+        specs = {"depth": ArraySpec(np.float32, (n, h, w), px),
+                 "K": ArraySpec(np.float32, (n, 3, 3), 9 * n),
+                 "c2w": ArraySpec(np.float32, (n, 4, 4), 16 * n)}
+        g = _arrays(raw, "gt.npz", specs, url, key)
+        for name in specs:
+            result[name] = torch.from_numpy(_finite(g[name], name, "gt.npz", url, key))
     result["meta"] = meta
     return result

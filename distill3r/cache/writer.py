@@ -2,9 +2,11 @@
 
 Layout of ``out_dir``::
 
-    <split>/shard-000000.tar ...   complete shards (split in train, val)
-    <split>/index.json             shard names, sample counts, teacher, params, fingerprint
-    .build-<fingerprint>/          staging area of a build in progress (removed when done)
+    <split>/shard-000000.tar ...   complete shards (split in train, val), plain ustar tars
+    <split>/index.json             shard names, sample counts and sizes, teacher, params,
+                                   fingerprint (the same in both splits of one build)
+
+Builds stage beside ``out_dir`` and swap both splits in at once (``swap.py``).
 
 Guarantees:
 - Deterministic: the samples, their assignment to shards and (for a deterministic teacher) the
@@ -12,30 +14,33 @@ Guarantees:
   number of samples per shard is fixed up front (``shard_max_samples``, lowered so that an upper
   bound of the encoded sample size keeps a shard under ``shard_max_bytes``), never from measured
   sizes, so independent parts agree on every shard's contents.
-- Atomic and resumable: a shard is written to ``shard-N.tar.tmp-<pid>`` then renamed. A rerun
-  after an interruption (even SIGKILL) deletes stale temp files and builds only missing shards.
+- Atomic and resumable: a shard is written to ``.shard-N.tar.tmp-<pid>.tar``, then renamed. A
+  rerun after an interruption (even SIGKILL) deletes stale temp files and builds only missing
+  shards.
 - Parts: ``shard_index=i, num_shards=k`` builds the shards with ``N % k == i``; the index step
-  (``finalize_cache``; automatic when every shard exists) writes ``index.json`` and swaps the
-  staging folder into place. A build with other params (another fingerprint) stages separately,
-  so complete caches are never mixed with or overwritten by a failed run.
+  (``finalize_cache``; automatic when every shard exists) writes both ``index.json`` files and
+  swaps the staged cache into place in one step. A build with other params (another
+  fingerprint) stages separately, so complete caches are never mixed with or overwritten by a
+  failed run, and a second build into the same folder while one runs stops with a clear error.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from distill3r import __version__
-from distill3r.cache.schema import (FORMAT, INDEX_NAME, encode_sample, read_json_or_none,
+from distill3r.atomic import replacing
+from distill3r.cache.schema import (FORMAT, INDEX_NAME, MAX_SAMPLE_PIXELS, encode_sample,
                                     sample_nbytes_bound)
+from distill3r.cache.swap import (CACHE_SUBDIR, SWAP_FILE, build_lock, built_fingerprint, cleanup,
+                                  flocked, recover, staging_path, swap_in)
 from distill3r.config import CacheParams, to_dict
 from distill3r.data.io import read_depth, read_image
 from distill3r.data.view import resize_crop
@@ -45,7 +50,6 @@ from distill3r.jsonio import write_json
 from distill3r.teachers import Teacher, TeacherInput, get_teacher
 from distill3r.teachers.base import params_digest
 
-STAGING_PREFIX = ".build-"
 log = logging.getLogger(__name__)
 
 
@@ -72,6 +76,10 @@ def plan_cache(manifest_csv: str | Path, cache: CacheParams, teacher: Teacher) -
     manifest_csv = Path(manifest_csv)
     if len(cache.image_size) != 2 or min(cache.image_size) < 1:
         raise ValueError(f"cache.image_size must be [H, W], got {cache.image_size}")
+    px = cache.views_per_sample * cache.image_size[0] * cache.image_size[1]
+    if px > MAX_SAMPLE_PIXELS:
+        raise ValueError(f"cache: {cache.views_per_sample} views of {cache.image_size} are {px} "
+                         f"pixels per sample, above the readers' ceiling {MAX_SAMPLE_PIXELS}")
     base = SamplingRule(cache.sampling, cache.views_per_sample, cache.max_samples_per_scene,
                         cache.frame_stride, cache.neighbours)
     rules = dataset_rules(base, cache.dataset_sampling)  # params errors before the manifest
@@ -130,24 +138,16 @@ def _meta(plan: CachePlan, sample: ViewSample) -> dict:
             "image_size": list(plan.cache.image_size)}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_shard(plan: CachePlan, samples: list[ViewSample], path: Path, bar=None) -> None:
-    """Write ``samples`` to ``path`` atomically (temporary name, fsync, rename)."""
+    """Write ``samples`` to ``path`` atomically (``atomic.replacing``: temporary name, fsync,
+    rename) as a plain ustar tar, members sorted by name within each sample."""
     import webdataset as wds
 
     size = tuple(plan.cache.image_size)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
+    with replacing(path, fsync=True) as tmp:
         with open(tmp, "wb") as f:
-            with wds.TarWriter(f, encoder=False, mtime=0.0, user="distill3r",
-                               group="distill3r", mode=0o644) as tar:
+            with wds.TarWriter(f, encoder=False, mtime=0, user="distill3r", group="distill3r",
+                               mode=0o644) as tar:  # int mtime: no pax headers
                 for sample in samples:
                     batch, gt = load_sample(sample, size)
                     out = plan.teacher.predict(batch)
@@ -155,48 +155,11 @@ def write_shard(plan: CachePlan, samples: list[ViewSample], path: Path, bar=None
                                             _meta(plan, sample), plan.cache.conf_max))
                     if bar is not None:
                         bar.update(1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
-# Locks, staging, index
+# Index, swap
 # ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _lock(path: Path, what: str, wait: bool = False):
-    """Exclusive ``flock`` on ``path``; ``ValueError`` if held elsewhere (unless ``wait``)."""
-    with open(path, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError as exc:
-            raise ValueError(f"{path}: another process is already {what}") from exc
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _locked_by_someone(folder: Path) -> bool:
-    for lock in folder.glob("*.lock"):
-        with open(lock, "a") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                fcntl.flock(fh, fcntl.LOCK_UN)
-            except BlockingIOError:
-                return True
-    return False
-
-
-def _split_done(out: Path, split: str, fingerprint: str) -> bool:
-    index = read_json_or_none(out / split / INDEX_NAME)
-    return bool(index) and index.get("fingerprint") == fingerprint and all(
-        (out / split / s["name"]).is_file() for s in index.get("shards", []))
-
-
 def _index(plan: CachePlan, split: str, folder: Path) -> dict:
     shards = [{"name": shard_name(n), "samples": len(s),
                "bytes": (folder / shard_name(n)).stat().st_size}
@@ -212,51 +175,35 @@ def _index(plan: CachePlan, split: str, folder: Path) -> dict:
             "distill3r_version": __version__}
 
 
-def finalize_cache(plan: CachePlan, out_dir: str | Path) -> bool:
-    """Index step: when every shard of the plan exists, write each split's ``index.json`` and
-    swap the staged split into ``out_dir/<split>``. Returns False if shards are missing."""
+def finalize_cache(plan: CachePlan, out_dir: str | Path, _locked: bool = False) -> bool:
+    """Index step: when every shard of the plan is staged, write each split's ``index.json``
+    and swap the staged cache in for ``out_dir`` (both splits in one step). Returns False if
+    shards are missing. Holds the build lock (``ValueError`` if another build holds it)."""
     out = Path(out_dir)
-    staging = out / f"{STAGING_PREFIX}{plan.fingerprint}"
-    if all(_split_done(out, s, plan.fingerprint) for s in SPLITS):
-        _cleanup(out, keep=None)
-        return True
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(_lock(staging / "finalize.lock", "finalising", wait=True))
-        except FileNotFoundError:  # nothing staged, or a concurrent finalize just removed it
-            return all(_split_done(out, s, plan.fingerprint) for s in SPLITS)
-        todo = [s for s in SPLITS if not _split_done(out, s, plan.fingerprint)]
-        missing = [f"{s}/{shard_name(n)}" for s in todo for n in range(len(plan.shards[s]))
-                   if not (staging / s / shard_name(n)).is_file()]
+    with contextlib.nullcontext() if _locked else build_lock(out):
+        recover(out)
+        if built_fingerprint(out) == plan.fingerprint:
+            cleanup(out)
+            return True
+        staging = staging_path(out, plan.fingerprint)
+        root = staging / CACHE_SUBDIR
+        missing = [f"{s}/{shard_name(n)}" for s in SPLITS for n in range(len(plan.shards[s]))
+                   if not (root / s / shard_name(n)).is_file()]
         if missing:
             log.info("cache not complete yet: %d shard(s) missing (e.g. %s)", len(missing),
                      missing[0])
             return False
-        for split in todo:
-            folder = staging / split
+        for split in SPLITS:
+            folder = root / split
             folder.mkdir(parents=True, exist_ok=True)
             for stale in folder.glob("*.tmp*"):  # e.g. an index.json.tmp of a killed run
                 stale.unlink()
             write_json(folder / INDEX_NAME, _index(plan, split, folder), indent=1, sort_keys=True)
-            old = out / f".old-{split}-{plan.fingerprint}"
-            if (out / split).exists():
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(out / split, old)
-            os.replace(folder, out / split)
-            shutil.rmtree(old, ignore_errors=True)
-            log.info("cache %s complete: %s", split, out / split)
-    _cleanup(out, keep=None)
+        write_json(staging / SWAP_FILE, {"fingerprint": plan.fingerprint})
+        swap_in(staging, out)
+        log.info("cache complete: %s", out)
+        cleanup(out)
     return True
-
-
-def _cleanup(out: Path, keep: str | None) -> None:
-    """Remove staging folders other than ``keep`` that no live process holds, and leftovers of
-    interrupted swaps."""
-    for folder in out.glob(".old-*"):
-        shutil.rmtree(folder, ignore_errors=True)
-    for folder in out.glob(f"{STAGING_PREFIX}*"):
-        if folder.name != keep and folder.is_dir() and not _locked_by_someone(folder):
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,44 +220,62 @@ def build_cache(manifest_csv: str | Path, out_dir: str | Path, params, shard_ind
         teacher: use this teacher instead of ``get_teacher(params.teacher)``.
         finalize: run the index step when every shard exists (always tried when possible).
     Returns:
-        ``{"fingerprint", "built", "skipped_shards", "complete"}``.
+        ``{"fingerprint", "built", "skipped_shards", "complete", "shards",
+        "samples_per_shard"}``: ``built`` shards written by this call, ``skipped_shards``
+        shards of this part found already staged, ``complete`` whether the cache is in place,
+        ``shards`` the shard count per split.
+    Raises:
+        ValueError: bad params or input, or another build into ``out_dir`` is running.
     """
     if num_shards < 1 or not 0 <= shard_index < num_shards:
         raise ValueError(f"need 0 <= shard_index < num_shards, got {shard_index}, {num_shards}")
     teacher = teacher or get_teacher(params.teacher)
     plan = plan_cache(manifest_csv, params.cache, teacher)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    staging = out / f"{STAGING_PREFIX}{plan.fingerprint}"
-    todo = []
-    for split in SPLITS:
-        if _split_done(out, split, plan.fingerprint):
-            continue
-        (staging / split).mkdir(parents=True, exist_ok=True)
-        for n, samples in enumerate(plan.shards[split]):
-            if n % num_shards == shard_index:
-                todo.append((split, n, samples))
-    built = 0
-    if todo:
-        with _lock(staging / f"part-{shard_index}-of-{num_shards}.lock", "building this part"):
-            if num_shards == 1:
-                _cleanup(out, keep=staging.name)
-            for split, n, _ in todo:
-                for stale in (staging / split).glob(f"{shard_name(n)}.tmp-*"):
-                    stale.unlink()
-            pending = [t for t in todo if not (staging / t[0] / shard_name(t[1])).is_file()]
-            from tqdm import tqdm
-
-            total = sum(len(t[2]) for t in pending)
-            with tqdm(total=total, disable=not progress, unit="sample",
-                      desc=f"cache part {shard_index}/{num_shards}") as bar:
-                for split, n, samples in pending:
-                    write_shard(plan, samples, staging / split / shard_name(n), bar)
-                    built += 1
-    complete = finalize_cache(plan, out) if finalize else False
-    if finalize and num_shards == 1 and not complete:
+    whole = num_shards == 1
+    staging = staging_path(out, plan.fingerprint)
+    built, todo = 0, []
+    with build_lock(out, shared=not whole):
+        if whole:
+            recover(out)
+        if built_fingerprint(out) != plan.fingerprint:
+            for split in SPLITS:
+                (staging / CACHE_SUBDIR / split).mkdir(parents=True, exist_ok=True)
+                todo += [(split, n, samples) for n, samples in enumerate(plan.shards[split])
+                         if n % num_shards == shard_index]
+        if todo:
+            built = _build_part(plan, staging, todo, shard_index, num_shards, progress,
+                                out if whole else None)
+        complete = finalize_cache(plan, out, _locked=True) if finalize and whole else False
+    if finalize and not whole:
+        try:
+            complete = finalize_cache(plan, out)
+        except ValueError as exc:  # another part still builds (it finalises when done)
+            log.info("index step left to another process: %s", exc)
+    if finalize and whole and not complete:
         raise AssertionError("single-part cache build left shards missing")
     return {"fingerprint": plan.fingerprint, "built": built,
             "skipped_shards": len(todo) - built, "complete": complete,
             "shards": {s: len(plan.shards[s]) for s in SPLITS},
             "samples_per_shard": plan.samples_per_shard}
+
+
+def _build_part(plan: CachePlan, staging: Path, todo: list, shard_index: int, num_shards: int,
+                progress: bool, clean_out: Path | None) -> int:
+    """Write the missing shards of ``todo`` into ``staging``; returns how many were written."""
+    from tqdm import tqdm
+
+    root = staging / CACHE_SUBDIR
+    with flocked(staging / f"part-{shard_index}-of-{num_shards}.lock",
+                 "another process is already building this part"):
+        if clean_out is not None:
+            cleanup(clean_out, keep=staging.name)
+        for split, n, _ in todo:
+            for stale in (root / split).glob(f".{shard_name(n)}.tmp-*"):
+                stale.unlink()
+        pending = [t for t in todo if not (root / t[0] / shard_name(t[1])).is_file()]
+        with tqdm(total=sum(len(t[2]) for t in pending), disable=not progress, unit="sample",
+                  desc=f"cache part {shard_index}/{num_shards}") as bar:
+            for split, n, samples in pending:
+                write_shard(plan, samples, root / split / shard_name(n), bar)
+    return len(pending)

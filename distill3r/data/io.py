@@ -13,6 +13,7 @@ import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 IMAGE_SUBFOLDERS = ("rgb", "images")
+MAX_IMAGE_PIXELS = 100_000_000  # default ceiling of read_image (a 1 MB PNG can claim 400 MP)
 
 
 def natural_key(path: Path) -> list:
@@ -50,11 +51,37 @@ def scene_images(folder: str | Path) -> tuple[list[Path], list[Path]]:
     return [], others
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image as RGB uint8 ``[H,W,3]``; ``ValueError`` naming the file if unreadable."""
+def image_pixels(path: Path) -> int:
+    """Width x height from the file's header alone (Pillow reads no pixel data in ``open``);
+    ``ValueError`` naming the file when the header is not an image's."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+    except Image.DecompressionBombError as exc:  # Pillow's own refusal, above ~179 MP
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        return int(found.group(1)) if found else 2 * (Image.MAX_IMAGE_PIXELS or 0) + 1
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ValueError(f"{path}: not a readable image (corrupt or unsupported header: "
+                         f"{type(exc).__name__})") from exc
+    return int(width) * int(height)
+
+
+def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Read an image as RGB uint8 ``[H,W,3]``; ``ValueError`` naming the file if unreadable or
+    if its header claims more than ``max_pixels`` pixels (checked before decoding)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: image file not found")
+    pixels = image_pixels(path)
+    if pixels > max_pixels:
+        raise ValueError(f"{path}: not a readable image here: its header claims {pixels} pixels, "
+                         f"above the limit of {max_pixels}")
     data = np.fromfile(str(path), dtype=np.uint8)
     try:
         img = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None

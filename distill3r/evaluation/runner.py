@@ -21,7 +21,6 @@ the checkpoint fingerprint. Logging the report to MLflow is the stage's job
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import time
@@ -32,7 +31,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from distill3r.cache.reader import cache_dataset, read_index
+from distill3r.cache.reader import check_same_build, read_index, read_split
 from distill3r.config import EvalParams, Params
 from distill3r.devices import autocast, bf16_supported, parse_dtype, resolve_device
 from distill3r.evaluation.baselines import fit_layout_prior, layout_baseline, plane_baseline
@@ -113,21 +112,18 @@ def check_split(split_dir: Path, patch: int) -> dict:
     return index
 
 
-def train_layout_prior(train_dir: Path, image_size: list[int], max_samples: Optional[int]
+def train_layout_prior(train_dir: Path, val_index: dict, max_samples: Optional[int]
                        ) -> tuple[Optional[np.ndarray], int]:
     """``(prior [H,W] or None, train views used)`` from the ground-truth depth of the train
-    split (only ``gt.npz`` is decoded). None, with a warning, when no train sample has depth."""
+    split (read with the same reader as the val split). None, with a warning, when no train
+    sample has depth. ``ValueError`` if the train split is not from the val split's build."""
     index = read_index(train_dir)
-    if list(index.get("image_size") or []) != list(image_size):
-        raise ValueError(f"{train_dir / 'index.json'}: train image size {index.get('image_size')}"
-                         f" differs from the val split's {image_size}: rebuild the cache")
+    check_same_build(index, val_index, train_dir.parent)
     depths: list[np.ndarray] = []
-    if index["shards"]:
-        for count, raw in enumerate(cache_dataset(train_dir, shuffle=False, seed=0, decode=False)):
-            if max_samples is not None and count >= max_samples:
-                break
-            if "gt.npz" in raw:
-                depths.append(_gt_depth(raw))
+    if index["num_samples"]:
+        for sample in read_split(train_dir, max_samples):
+            if "depth" in sample:
+                depths.append(sample["depth"].numpy().astype(np.float64))
     if not depths:
         log.warning("%s: no training sample has ground-truth depth: layout prior skipped",
                     train_dir)
@@ -135,22 +131,12 @@ def train_layout_prior(train_dir: Path, image_size: list[int], max_samples: Opti
     return fit_layout_prior(depths), sum(len(d) for d in depths)
 
 
-def _gt_depth(raw: dict) -> np.ndarray:
-    where = f"{raw.get('__url__')}: sample {raw.get('__key__')}"
-    try:
-        with np.load(io.BytesIO(bytes(raw["gt.npz"])), allow_pickle=False) as z:
-            return np.asarray(z["depth"], np.float64)
-    except (ValueError, OSError, KeyError) as exc:
-        raise ValueError(f"{where}: gt.npz has no readable depth: {exc}") from exc
-
-
 def val_batches(val_dir: Path, batch_size: int, max_samples: Optional[int]
                 ) -> Iterator[list[dict]]:
-    """Decoded val samples in index order, ``batch_size`` at a time, at most ``max_samples``."""
+    """Decoded val samples in index order, ``batch_size`` at a time, at most ``max_samples``;
+    a shard holding fewer samples than ``index.json`` lists is an error, never a short run."""
     batch: list[dict] = []
-    for count, sample in enumerate(cache_dataset(val_dir, shuffle=False, seed=0)):
-        if max_samples is not None and count >= max_samples:
-            break
+    for sample in read_split(val_dir, max_samples):
         batch.append(sample)
         if len(batch) == batch_size:
             yield batch
@@ -258,7 +244,7 @@ def run_evaluation(params: Params, checkpoint: str | Path, cache_dir: str | Path
         dtype = torch.float32
     model = load_checked_student(checkpoint, params, device)
     index = check_split(cache_dir / "val", model.patch_size)
-    prior, prior_views = train_layout_prior(cache_dir / "train", index["image_size"],
+    prior, prior_views = train_layout_prior(cache_dir / "train", index,
                                             ep.layout_prior_max_samples)
     total = int(index["num_samples"])
     total = total if ep.max_samples is None else min(total, ep.max_samples)

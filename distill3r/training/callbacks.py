@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import csv
 import json
+import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,7 +43,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"{path}: checkpoint not found")
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError,
+                AttributeError, TypeError, zipfile.BadZipFile) as exc:
+            found = re.search(r"(?i)unsupported global:? [^\s]+(?: [^\s]+)?", str(exc))
+            why = found.group(0) if found else type(exc).__name__
+            raise ValueError(f"{path}: refused: not a training checkpoint that loads without "
+                             f"unpickling code ({why}); delete it to train from the start") \
+                from None
 
 
 class StepPrinter(L.Callback):

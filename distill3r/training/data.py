@@ -32,7 +32,6 @@ and the at most ``T - W * B * b`` samples left out change every epoch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -41,57 +40,15 @@ import numpy as np
 from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from distill3r.cache.reader import (check_compatible, collate_samples, decode_sample, list_shards,
-                                    read_index, shard_sample_counts, shard_samples)
+from distill3r.cache.reader import (Shard, check_compatible, check_same_build, collate_samples,
+                                    decode_sample, read_range, split_shards)
 from distill3r.config import Params
 from distill3r.models import get_config
 from distill3r.teachers import get_teacher
 
+__all__ = ["Shard", "split_shards", "read_range", "shuffled", "check_cache", "CacheBatches",
+           "CacheDataModule", "expected_teacher_fingerprint"]
 SHUFFLE_BUFFER = 64
-
-
-@dataclass(frozen=True)
-class Shard:
-    path: Path
-    num_samples: int
-
-
-def split_shards(split_dir: str | Path) -> tuple[dict, list[Shard]]:
-    """``(index, shards)`` of a cache split folder (shards with at least one sample, in index
-    order); ``ValueError`` naming the folder when it is missing, unindexed or empty."""
-    split_dir = Path(split_dir)
-    if not split_dir.is_dir():
-        raise ValueError(f"{split_dir}: cache split folder not found (run the cache stage first)")
-    index = read_index(split_dir)
-    paths = list_shards(split_dir)
-    shards = [Shard(Path(p), int(n)) for p, n in zip(paths, shard_sample_counts(index)) if n > 0]
-    if not shards:
-        raise ValueError(f"{split_dir}: the cache split holds no samples")
-    return index, shards
-
-
-def read_range(shards: list[Shard], start: int, length: int) -> Iterator[dict]:
-    """Raw samples (member name -> bytes, ``__key__``, ``__url__``) at positions ``start ..
-    start + length - 1`` (modulo the total) of the concatenation of ``shards``."""
-    total = sum(s.num_samples for s in shards)
-    ends = np.cumsum([s.num_samples for s in shards])
-    pos, remaining = start % total, length
-    while remaining > 0:
-        i = int(np.searchsorted(ends, pos, side="right"))
-        skip = pos - (int(ends[i]) - shards[i].num_samples)
-        take = min(remaining, shards[i].num_samples - skip)
-        got = 0
-        for j, raw in enumerate(shard_samples(shards[i].path)):
-            if j >= skip:
-                yield raw
-                got += 1
-                if got == take:
-                    break
-        if got < take:
-            raise ValueError(f"{shards[i].path}: {skip + got} samples, but index.json lists "
-                             f"{shards[i].num_samples} (rebuild the cache)")
-        remaining -= take
-        pos = (pos + take) % total
 
 
 def shuffled(samples: Iterator, buffer: int, rng: np.random.Generator) -> Iterator:
@@ -142,6 +99,7 @@ def check_cache(train_index: dict, val_index: dict, params: Params, cache_dir: P
     if differ:
         raise ValueError(f"{cache_dir}: the train and val splits differ in {', '.join(differ)}:"
                          " rebuild the cache")
+    check_same_build(train_index, val_index, cache_dir)
 
 
 class CacheBatches(IterableDataset):
@@ -231,7 +189,7 @@ class CacheBatches(IterableDataset):
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         for raws in self.worker_batches(worker, workers):
-            samples = [decode_sample(raw) for raw in raws]
+            samples = [decode_sample(raw, self.shards[0].shape) for raw in raws]
             if self.transform is not None:
                 samples = [self.transform(s, self.epoch) for s in samples]
             yield collate_samples(samples)
