@@ -47,6 +47,9 @@ MAX_KEY_LENGTH = 250
 # Set by DVC in the environment of every stage command (dvc/stage/run.py); the experiment ones
 # only under `dvc exp run` (dvc/repo/experiments/queue/base.py). DVC_ROOT is the main
 # repository even when a queued or --temp experiment runs in a temporary copy.
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+# MLflow 3's UI opens an experiment by its kind: model training, not GenAI
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 DVC_ENV_TAGS = {
     "DVC_EXP_NAME": "dvc.exp_name",
     "DVC_EXP_BASELINE_REV": "dvc.exp_baseline_rev",
@@ -112,7 +115,9 @@ def flatten_params(params: Any) -> dict[str, str]:
 
 
 def git_tags(repo_root: str | Path | None = None) -> dict[str, str]:
-    """``{"git.commit": sha, "git.dirty": "true"|"false"}``; empty outside a git repository.
+    """``{"mlflow.source.git.commit": sha, "git.dirty": "true"|"false"}``; empty outside a
+    git repository. The commit goes under MLflow's own tag (the UI links it), set explicitly
+    because MLflow only infers it when the entry point lies inside the repository.
 
     Dirty means tracked files differ from HEAD (untracked files are ignored, as in
     ``git describe --dirty``).
@@ -132,7 +137,7 @@ def git_tags(repo_root: str | Path | None = None) -> dict[str, str]:
     if commit is None:
         return {}
     status = git("status", "--porcelain", "--untracked-files=no")
-    tags = {"git.commit": commit}
+    tags = {GIT_COMMIT_TAG: commit}
     if status is not None:
         tags["git.dirty"] = "true" if status else "false"
     return tags
@@ -187,7 +192,9 @@ def _set_experiment(name: str, tracking_uri: str) -> None:
         except MlflowException:  # created meanwhile by a concurrent run
             if mlflow.get_experiment_by_name(name) is None:
                 raise
-    mlflow.set_experiment(name)
+    experiment = mlflow.set_experiment(name)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        mlflow.set_experiment_tag(EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
 
 @contextlib.contextmanager

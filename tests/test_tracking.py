@@ -108,7 +108,10 @@ def test_run_roundtrip_on_server(server, client, tmp_path):
     assert got.data.params["train.betas"] == "[0.9, 0.95]"
     assert got.data.params["model.encoder_weights"] == "null"
     assert got.data.params["data.sources"].startswith('[{"kind": "demo"')
-    assert got.data.tags["git.commit"] == commit
+    assert got.data.tags["mlflow.source.git.commit"] == commit
+    assert "git.commit" not in got.data.tags  # no second copy of MLflow's own tag
+    experiment = client.get_experiment(got.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert got.data.tags["git.dirty"] == "false"
     assert got.data.tags["cache.fingerprint"] == "fp-123"
     history = client.get_metric_history(run_id, "train/loss")
@@ -166,7 +169,7 @@ def test_reopened_run_keeps_the_creators_tags(server, client, monkeypatch):
                    tags={"evaluated": "yes"}):
         pass
     tags = client.get_run(active.info.run_id).data.tags
-    assert tags["git.commit"] == created["git.commit"] and tags["stage"] == "train"
+    assert tags["mlflow.source.git.commit"] == created["mlflow.source.git.commit"] and tags["stage"] == "train"
     assert tags["evaluated"] == "yes" and "dvc.stage" not in tags
 
 
@@ -237,7 +240,7 @@ def test_git_tags_dirty_flag_and_outside_repo(tmp_path):
     (repo / "tracked.txt").write_text("v2\n")
     tags = git_tags(repo)
     assert tags["git.dirty"] == "true"
-    assert len(tags["git.commit"]) == 40
+    assert len(tags["mlflow.source.git.commit"]) == 40
     (tmp_path / "plain").mkdir()
     assert git_tags(tmp_path / "plain") == {}
 
