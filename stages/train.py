@@ -3,6 +3,7 @@
     python stages/train.py --params params.yaml --cache data/cache --out models/student \
         --checkpoints checkpoints [--resume] [--run-ref reports/mlflow_run.json] \
         [--plots reports/train_curve.csv] [--metrics reports/train.json] [--max-steps N]
+        [--step-plots reports/train_steps.csv]
 
 Reads ``<cache>/train`` and ``<cache>/val`` shards and the ``model``, ``loss`` and ``train``
 sections (``cache``/``teacher`` are checked against the cache index). Writes the student to
@@ -35,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-ref", help="write the MLflow run reference JSON here")
     p.add_argument("--plots", help="write the validation curve CSV here")
     p.add_argument("--metrics", help="write the final validation metrics JSON here")
+    p.add_argument("--step-plots", help="write the per-step training curve CSV here")
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
     p.add_argument("--debug-keys", help="append the sample keys of every batch to "
                    "<dir>/rank<R>.jsonl")
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         result = train(params, args.cache, args.out, args.checkpoints, resume=args.resume,
                        run_ref=args.run_ref, max_steps=args.max_steps, keys_dir=args.debug_keys,
-                       plots=args.plots, metrics=args.metrics)
+                       plots=args.plots, metrics=args.metrics, step_plots=args.step_plots)
     except (ValueError, NonFiniteLossError) as exc:
         print(f"train: error: {exc}", file=sys.stderr)
         return 1

@@ -4,8 +4,9 @@
   fsyncs it and ``os.replace``-s it over the target, so an interrupted save (SIGKILL, full disk)
   leaves the previous ``last.ckpt`` intact; loads with ``torch.load(weights_only=True)`` always
   (Lightning checkpoints of this project hold only tensors, numbers, strings and containers).
-- :class:`StepPrinter`: one line every ``every`` optimiser steps (step, loss, lr, samples/s),
-  on rank 0; the progress bar is off because DVC and CI capture stdout.
+- :class:`StepPrinter`: one line every ``every`` optimiser steps (step, loss, lr, smoothed
+  samples/s, elapsed, ETA) on rank 0, and the per-step training curve as CSV; the progress bar
+  is off because DVC and CI capture stdout into log files.
 - :class:`KeyRecorder`: appends the sample keys of every training batch of this rank to
   ``<folder>/rank<R>.jsonl`` (debugging and the DDP disjointness test).
 - :func:`write_curves`: the validation history as CSV (``dvc plots``) and the first and final
@@ -18,6 +19,7 @@ import csv
 import json
 import pickle
 import re
+import time
 import zipfile
 from pathlib import Path
 from typing import Any, Optional
@@ -55,22 +57,63 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class StepPrinter(L.Callback):
-    """Print ``[train] step S/T loss=... lr=... samples/s=...`` every ``every`` steps."""
+    """Every ``every`` optimiser steps on rank 0: print ``[train] step S/T (P%) loss=... lr=...
+    samples/s=... elapsed ... eta ...`` (samples/s smoothed over the printed intervals, ETA from
+    it) and, with ``csv_path``, rewrite the per-step training curve (``step, loss, lr,
+    samples_per_s, elapsed_s``; for ``dvc plots``). A resumed run keeps the rows up to its step.
+    """
 
-    def __init__(self, every: int) -> None:
+    FIELDS = ("step", "loss", "lr", "samples_per_s", "elapsed_s")
+
+    def __init__(self, every: int, csv_path: Optional[str | Path] = None) -> None:
         self.every = max(int(every), 1)
+        self.csv_path = None if csv_path is None else Path(csv_path)
         self._printed = -1  # with gradient accumulation several batches end on one step
+        self._rows: list[dict[str, float]] = []
+        self._rate: Optional[float] = None
+        self._last: Optional[tuple[int, float]] = None
+        self._start = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+        self._last = (trainer.global_step, self._start)
+        if self.csv_path is not None and self.csv_path.is_file() and trainer.global_step > 0:
+            with open(self.csv_path, newline="") as f:
+                self._rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)
+                              if float(row.get("step") or 0) <= trainer.global_step]
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
         if not trainer.is_global_zero or step == 0 or step % self.every or step == self._printed:
             return
         self._printed = step
+        now = time.perf_counter()
+        last_step, last_time = self._last or (0, self._start)
+        self._last = (step, now)
+        steps_per_s = (step - last_step) / max(now - last_time, 1e-9)
+        self._rate = steps_per_s if self._rate is None else 0.7 * self._rate + 0.3 * steps_per_s
         m = trainer.callback_metrics
-        parts = [f"{k.split('/', 1)[1]}={float(m[k]):.4g}"
-                 for k in ("train/loss", "train/lr", "train/samples_per_s") if k in m]
-        print(f"[train] step {step}/{trainer.max_steps} epoch {trainer.current_epoch} "
-              + " ".join(parts), flush=True)
+        values = {k: float(m[f"train/{k}"]) for k in ("loss", "lr", "samples_per_s")
+                  if f"train/{k}" in m}
+        if "samples_per_s" in values:  # the smoothed rate, in samples
+            samples_per_step = values["samples_per_s"] / max(steps_per_s, 1e-9)
+            values["samples_per_s"] = self._rate * samples_per_step
+        eta = (trainer.max_steps - step) / max(self._rate, 1e-9)
+        parts = " ".join(f"{k}={v:.4g}" for k, v in values.items())
+        print(f"[train] step {step}/{trainer.max_steps} ({100 * step / trainer.max_steps:.0f}%) "
+              f"{parts} elapsed {_duration(now - self._start)} eta {_duration(eta)}", flush=True)
+        if self.csv_path is not None:
+            self._rows.append({"step": step, **values, "elapsed_s": round(now - self._start, 3)})
+            with replacing(self.csv_path) as tmp, open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.FIELDS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(self._rows)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
 class KeyRecorder(L.Callback):
@@ -88,9 +131,9 @@ class KeyRecorder(L.Callback):
 
 
 def write_curves(history: list[dict[str, float]], plots: Optional[str | Path],
-                 metrics: Optional[str | Path]) -> None:
+                 metrics: Optional[str | Path], extra: Optional[dict] = None) -> None:
     """The validation history as CSV (``plots``: one row per validation, for ``dvc plots``) and
-    its first and last rows as JSON (``metrics``: for ``dvc metrics``); None skips a file."""
+    its first and last rows, plus ``extra``, as JSON (``metrics``); None skips a file."""
     if not history:
         return
     if plots is not None:
@@ -101,4 +144,4 @@ def write_curves(history: list[dict[str, float]], plots: Optional[str | Path],
             writer.writeheader()
             writer.writerows(history)
     if metrics is not None:
-        write_json(metrics, {"final_val": history[-1], "first_val": history[0]})
+        write_json(metrics, {"final_val": history[-1], "first_val": history[0], **(extra or {})})

@@ -85,6 +85,8 @@ class DistillModule(L.LightningModule):
             if name != "loss":
                 self.log(f"train/{name}", value.detach(), on_step=True, batch_size=size)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
+        # the logger's step: the optimiser step this batch completes, as StepPrinter prints it
+        self.log("step", float(self.global_step + 1), on_step=True)
         now = time.perf_counter()
         if self._last_step_time is not None:
             samples = size * self.trainer.world_size

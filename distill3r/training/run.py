@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +128,8 @@ def clear_checkpoints(folder: Path, keep_last: bool) -> None:
         path.unlink(missing_ok=True)
 
 
-def _trainer(tp: TrainParams, checkpoints: Path, callbacks: list) -> L.Trainer:
+def _trainer(tp: TrainParams, checkpoints: Path, callbacks: list,
+             step_plots: Optional[Path] = None) -> L.Trainer:
     precision = resolve_precision(tp.precision, tp.accelerator)
     # checkpoints/last.ckpt only; step-named copies are not kept (save_top_k=0).
     checkpoint = ModelCheckpoint(dirpath=checkpoints, filename=STEP_PREFIX + "{step:08d}",
@@ -142,7 +144,7 @@ def _trainer(tp: TrainParams, checkpoints: Path, callbacks: list) -> L.Trainer:
         val_check_interval=tp.val_every_steps * tp.accumulate_grad_batches,
         check_val_every_n_epoch=None, num_sanity_val_steps=-1,
         log_every_n_steps=tp.log_every_steps, reload_dataloaders_every_n_epochs=1,
-        callbacks=[checkpoint, StepPrinter(tp.log_every_steps), *callbacks],
+        callbacks=[checkpoint, StepPrinter(tp.log_every_steps, step_plots), *callbacks],
         plugins=[AtomicCheckpointIO()], logger=False, default_root_dir=checkpoints,
         enable_progress_bar=False, enable_model_summary=True, deterministic=False,
     )
@@ -156,9 +158,16 @@ def _tracked_run(rank0: bool, params: Params, tracking_uri: str, checkpoints: Pa
         return contextlib.nullcontext()
     tp = params.train
     run_id = _previous_run(checkpoints, ckpt_path, tracking_uri)
-    return start_run(None if run_id else params, tracking_uri, tp.experiment, run_name="train",
+    return start_run(None if run_id else params, tracking_uri, tp.experiment,
+                     run_name=run_name(params),
                      tags={"cache.fingerprint": fingerprint}, system_metrics=tp.system_metrics,
                      run_id=run_id)
+
+
+def run_name(params: Params) -> str:
+    """What ran, for the MLflow run list: ``<DVC experiment or 'train'> <model> <steps> steps``."""
+    exp = os.environ.get("DVC_EXP_NAME") or "train"
+    return f"{exp} {params.model.name} {params.train.max_steps} steps"
 
 
 def _previous_run(checkpoints: Path, ckpt_path: Optional[Path], tracking_uri: str
@@ -179,7 +188,8 @@ def train(params: Params, cache_dir: str | Path, out_dir: str | Path,
           checkpoints_dir: str | Path, resume: bool = False,
           run_ref: Optional[str | Path] = None, max_steps: Optional[int] = None,
           keys_dir: Optional[str | Path] = None, plots: Optional[str | Path] = None,
-          metrics: Optional[str | Path] = None) -> TrainResult:
+          metrics: Optional[str | Path] = None,
+          step_plots: Optional[str | Path] = None) -> TrainResult:
     """Train the student on ``<cache_dir>/train`` (validating on ``<cache_dir>/val``).
 
     Args:
@@ -191,7 +201,9 @@ def train(params: Params, cache_dir: str | Path, out_dir: str | Path,
         run_ref: where to write the MLflow run reference JSON for the later stages.
         max_steps: override ``train.max_steps`` (tests, quick trials; logged as the param).
         keys_dir: record the sample keys of every batch per rank (debugging, tests).
-        plots, metrics: validation curve CSV and final metrics JSON (for ``dvc plots/metrics``).
+        plots, metrics: validation curve CSV and final metrics JSON (the last with the training
+            seconds and parameter count).
+        step_plots: the per-step training curve CSV (every ``train.log_every_steps``).
     """
     if max_steps is not None:
         params = dataclasses.replace(params, train=dataclasses.replace(params.train,
@@ -209,7 +221,8 @@ def train(params: Params, cache_dir: str | Path, out_dir: str | Path,
     module = DistillModule(params.model, params.loss, tp,
                            run_info={"cache_fingerprint": fingerprint})
     callbacks: list[Any] = [] if keys_dir is None else [KeyRecorder(keys_dir)]
-    trainer = _trainer(tp, checkpoints, callbacks)
+    trainer = _trainer(tp, checkpoints, callbacks,
+                       None if step_plots is None else Path(step_plots))
     data.check_world(trainer.world_size)
     log.info("rank %d of %d, %d torch thread(s)", trainer.global_rank, trainer.world_size,
              set_threads(tp.threads, trainer))
@@ -226,11 +239,15 @@ def train(params: Params, cache_dir: str | Path, out_dir: str | Path,
             write_run_ref(checkpoints / RUN_FILE, active, tracking_uri)
             trainer.loggers = [make_lightning_logger(tracking_uri, tp.experiment,
                                                      active.info.run_id)]
+        started = time.perf_counter()
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+        seconds = time.perf_counter() - started
         if not module.val_history or module.val_history[-1]["step"] != trainer.global_step:
             trainer.validate(module, datamodule=data, verbose=False)  # the final weights
         if rank0:
-            write_curves(module.val_history, plots, metrics)
+            params_m = sum(p.numel() for p in module.student.parameters()) / 1e6
+            write_curves(module.val_history, plots, metrics,
+                         {"seconds": round(seconds, 1), "parameters_m": round(params_m, 3)})
             save_student(module.student.cpu(), out_dir)
             log_artifacts_dir(out_dir, "student")
             if run_ref is not None:
