@@ -181,11 +181,42 @@ def sqlite_artifact_location(tracking_uri: str) -> str | None:
     return (db_path.parent / "mlruns").as_uri()
 
 
+def relocate_sqlite_artifacts(tracking_uri: str) -> int:
+    """After a SQLite store moved with its ``mlruns/`` (a moved or copied repository), point
+    experiments and runs whose artifacts were beside the database's old place at its new one;
+    returns how many experiments moved. MLflow keeps artifact locations as absolute URIs
+    (``experiments.artifact_location``, ``runs.artifact_uri``) and has no API to change them,
+    so the two columns are rewritten in the database itself; other stores are left alone."""
+    import sqlite3
+
+    new = sqlite_artifact_location(tracking_uri)
+    db = Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0]) if new else None
+    if db is None or not db.is_file():
+        return 0
+    with contextlib.closing(sqlite3.connect(db)) as con, con:
+        rows = con.execute("SELECT experiment_id, artifact_location FROM experiments").fetchall()
+        moved = 0
+        for exp_id, old in rows:
+            if not old or old == new or not old.startswith("file://") \
+                    or not old.rstrip("/").endswith("/mlruns"):
+                continue
+            con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                        (new, exp_id))
+            con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
+                        "WHERE experiment_id = ? AND artifact_uri LIKE ? || '%'",
+                        (new, len(old) + 1, exp_id, old))
+            moved += 1
+    if moved:
+        log.info("%s: the store moved; artifact locations now under %s", db, new)
+    return moved
+
+
 def _set_experiment(name: str, tracking_uri: str) -> None:
     """Make ``name`` the active experiment, creating it (artifacts by the SQLite file)."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    relocate_sqlite_artifacts(tracking_uri)
     if mlflow.get_experiment_by_name(name) is None:
         try:
             mlflow.create_experiment(name, artifact_location=sqlite_artifact_location(tracking_uri))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -322,3 +323,31 @@ def test_run_ref_of_the_repository_store_travels_with_the_repository(tmp_path, m
     # a store outside the repository (a lab server) is kept as it is
     write_run_ref(moved / "ref.json", run, "http://mlflow.lab:5000")
     assert read_run_ref(moved / "ref.json").tracking_uri == "http://mlflow.lab:5000"
+
+
+@pytest.mark.slow
+def test_moved_repository_store_keeps_its_artifacts(tmp_path):
+    """A repository copied elsewhere writes and finds artifacts in its own mlruns/, not the
+    original's (MLflow stores absolute artifact URIs)."""
+    from mlflow.tracking import MlflowClient
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (tmp_path / "a.txt").write_text("artifact")
+    uri = f"sqlite:///{old / 'mlflow.db'}"
+    with start_run(None, uri, experiment="moves", system_metrics=False) as run:
+        import mlflow
+
+        mlflow.log_artifact(str(tmp_path / "a.txt"))
+        first = run.info.run_id
+    new = tmp_path / "new"
+    shutil.copytree(old, new)
+    shutil.rmtree(old)
+    new_uri = f"sqlite:///{new / 'mlflow.db'}"
+    with start_run(None, new_uri, experiment="moves", system_metrics=False) as run:
+        second = run.info.run_id
+    client = MlflowClient(new_uri)
+    for run_id in (first, second):
+        assert client.get_run(run_id).info.artifact_uri.startswith((new / "mlruns").as_uri())
+    assert [a.path for a in client.list_artifacts(first)] == ["a.txt"]
+    assert not old.exists()
