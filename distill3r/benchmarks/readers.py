@@ -51,6 +51,16 @@ def _mm_depth(path: Path, max_m: float = 10.0) -> np.ndarray:
     return depth
 
 
+def _mask(path: Path) -> np.ndarray:
+    """A mask image as float32 ``[h,w]`` in [0, 1] (the first channel of a colour file)."""
+    raw = _imread_unchanged(path)
+    if raw is None:
+        raise ValueError(f"{path}: mask not readable")
+    raw = raw.reshape(raw.shape[:2] + (-1,))[..., 0]
+    return raw.astype(np.float32) / float(np.iinfo(raw.dtype).max if raw.dtype.kind == "u"
+                                          else 1.0)
+
+
 def _fixed_intrinsics(fx: float, fy: float, cx: float, cy: float, hw: tuple[int, int],
                       ref_hw: tuple[int, int] = (480, 640)) -> np.ndarray:
     """The dataset's fixed ``K`` of ``ref_hw`` frames, carried to frames of size ``hw`` by
@@ -203,10 +213,7 @@ def _dtu_loader(scan: Path, stem: str):
             depth = np.nan_to_num(np.load(path, allow_pickle=False).astype(np.float32))
         except (OSError, ValueError) as exc:
             raise ValueError(f"{path}: not a readable depth array: {exc}") from exc
-        mask_raw = _imread_unchanged(scan / "binary_masks" / f"{stem}.png")
-        if mask_raw is None:
-            raise ValueError(f"{scan / 'binary_masks' / (stem + '.png')}: mask not readable")
-        mask = (mask_raw.reshape(mask_raw.shape[:2] + (-1,))[..., 0] / 255.0 > 0.5)
+        mask = _mask(scan / "binary_masks" / f"{stem}.png") > 0.5
         mask = cv2.resize(mask.astype(np.float32), (depth.shape[1], depth.shape[0]),
                           interpolation=cv2.INTER_NEAREST)
         depth = depth * cv2.erode(mask, np.ones((10, 10), np.uint8), iterations=1)
@@ -262,10 +269,12 @@ def _co3d_loader(folder: Path, n: int):
             raise ValueError(f"{meta}: not a CO3D camera file: {exc}") from exc
         depth_path = folder / "depths" / f"frame{n:06d}.jpg.geometric.png"
         depth = read_depth_png(depth_path, max_depth / 65535.0, str(folder))
-        mask = _imread_unchanged(folder / "masks" / f"frame{n:06d}.png")
-        if mask is None:
-            raise ValueError(f"{folder / 'masks' / f'frame{n:06d}.png'}: mask not readable")
-        depth = depth * (mask.astype(np.float32) / 255.0 > 0.1)
+        mask_path = folder / "masks" / f"frame{n:06d}.png"
+        mask = _mask(mask_path)
+        if mask.shape != depth.shape:
+            raise ValueError(f"{mask_path}: mask {mask.shape} differs from the depth "
+                             f"{depth.shape}")
+        depth = depth * (mask > 0.1)
         return read_image(image), depth.astype(np.float32), K, c2w
     return load
 
