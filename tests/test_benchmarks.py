@@ -159,3 +159,25 @@ def test_stage_skips_absent_roots_and_scores_the_demo(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(json.dumps({"benchmark": {"benchmarks": [{"name": "scannet"}]}}))
     assert main(["--params", str(bad), "--out", str(out)]) == 1
+
+
+@pytest.mark.slow  # ~10 s of it is MLflow creating its SQLite schema
+def test_stage_logs_the_report_to_the_training_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from distill3r.tracking import start_run, write_run_ref
+    from stages.benchmark import main
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with start_run(Params(), uri, experiment="bench-test", run_name="train",
+                   system_metrics=False) as run:
+        ref = write_run_ref(tmp_path / "mlflow_run.json", run, uri)
+    WRITERS["demo"](tmp_path / "demo")
+    (tmp_path / "params.yaml").write_text(json.dumps({"benchmark": {
+        "benchmarks": [{"name": "demo", "root": str(tmp_path / "demo"), "views": 3}],
+        "models": ["groundtruth"], "long_side": 64}}))
+    assert main(["--params", str(tmp_path / "params.yaml"), "--out",
+                 str(tmp_path / "b.json"), "--run-ref", str(tmp_path / "mlflow_run.json")]) == 0
+    metrics = MlflowClient(uri).get_run(ref.run_id).data.metrics
+    assert metrics["benchmark.results.demo.groundtruth.acc_median"] < 1e-3
+    assert "benchmark.results.demo.groundtruth.seconds_per_scene" in metrics

@@ -38,7 +38,8 @@ class Protocol:
     """How one benchmark is read, sampled and shown.
 
     ``kinds``: tables it appears in (``recon``, ``pose``); ``scale``: table multiplier of
-    distances (x100: metres shown as centimetres, as Fast3R's tables); ``published``:
+    distances (x100: metres shown as centimetres, as Fast3R's tables); ``digits``: their
+    decimals; ``published``:
     Fast3R's published values (table units) by metric key."""
 
     name: str
@@ -52,6 +53,7 @@ class Protocol:
     max_gap: int = 100
     scale: float = 100.0
     unit: str = "x100"
+    digits: int = 2  # decimals of distances in the table (as the published numbers)
     published: dict[str, float] = field(default_factory=dict)
 
 
@@ -63,7 +65,7 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
              published={"acc_median": 3.40, "comp_median": 1.01}),
     # DTU depth and poses are in millimetres: distances are shown in the dataset's units
     Protocol("dtu", "DTU", readers.dtu, ("recon",), "keyframes", 10, None, kf_every=15,
-             scale=1.0, unit="mm", published={"acc_median": 1.706, "comp_median": 0.857}),
+             scale=1.0, unit="mm", digits=3, published={"acc_median": 1.706, "comp_median": 0.857}),
     Protocol("co3d", "CO3Dv2", readers.co3d, ("pose",), "random", 10, 100,
              published={"pnp_rra_15": 96.2, "pnp_rta_15": 81.6, "pnp_maa_30": 75.0}),
 )}

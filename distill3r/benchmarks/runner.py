@@ -170,11 +170,12 @@ def recon_table(report: dict) -> str:
                 if m is None:
                     pub = p.published if model == "Fast3R (published)" else {}
                     cells.append("-" if median is None or median not in pub
-                                 else f"- / {pub[median]:g}")
+                                 else f"- / {pub[median]:.{p.digits}f}")
                 elif median is None:
                     cells.append(_num(m.get(mean), 1.0, 3))
                 else:
-                    cells.append(f"{_num(m.get(mean), p.scale)} / {_num(m.get(median), p.scale)}")
+                    cells.append(f"{_num(m.get(mean), p.scale, p.digits)} / "
+                                 f"{_num(m.get(median), p.scale, p.digits)}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -190,7 +191,7 @@ def pose_table(report: dict) -> str:
             pub = PROTOCOLS[b].published if model == "Fast3R (published)" else {}
             for _, key in POSE_COLUMNS:
                 cells.append(_num(m.get(key), 100.0, 1) if m is not None
-                             else (f"{pub[key]:g}" if key in pub else "-"))
+                             else (f"{pub[key]:.1f}" if key in pub else "-"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
