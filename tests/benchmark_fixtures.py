@@ -22,7 +22,7 @@ from distill3r.benchmarks.readers import NRGBD_K, SEVEN_SCENES_K, _fixed_intrins
 from distill3r.benchmarks.sample import BenchSample
 from distill3r.data.io import write_depth_png, write_image
 from distill3r.data.view import ViewTransform
-from distill3r.geometry import depth_to_camera_points, invert_pose, transform_points
+from distill3r.geometry import depth_to_camera_points, transform_points
 
 GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])
 H, W = 48, 64
@@ -173,7 +173,8 @@ class TruthModel(BenchModel):
     """Exact point maps from the rendered truth at the sample's grid.
 
     ``rel_offset``: ``{view: 4x4}`` right-multiplied onto that view's pose relative to view 0
-    (a motion in the view's own camera frame: a known pose error); ``scale``: every point times it (a known global scale error)."""
+    (a motion in the view's own camera frame: a known pose error); ``scale``: every point
+    times it (a known global scale error)."""
 
     name = "truth"
 
@@ -205,5 +206,3 @@ def rotation_z(degrees: float) -> np.ndarray:
     T[:2, :2] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
     return T
 
-
-__all__ = ["WRITERS", "TruthModel", "invert_pose", "rotation_z"]

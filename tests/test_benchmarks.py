@@ -90,8 +90,9 @@ def test_known_translation_and_scale_errors(tmp_path):
     assert res["scaled"]["pnp_rot_err"] < 1e-3
 
 
-@pytest.mark.parametrize("name,writer", [("nrgbd", lambda r: write_nrgbd(r, gl=False)),
-                                         ("sevenscenes", lambda r: write_seven_scenes(r, pose="w2c"))])
+@pytest.mark.parametrize("name,writer", [
+    ("nrgbd", lambda r: write_nrgbd(r, gl=False)),  # OpenCV poses where OpenGL belong
+    ("sevenscenes", lambda r: write_seven_scenes(r, pose="w2c"))])  # world-to-camera
 def test_wrong_pose_convention_in_a_fixture_is_caught(tmp_path, name, writer):
     truth = writer(tmp_path / name)
     m = _score(tmp_path, name, {"truth": TruthModel(truth)})["truth"]
@@ -181,3 +182,21 @@ def test_stage_logs_the_report_to_the_training_run(tmp_path):
     metrics = MlflowClient(uri).get_run(ref.run_id).data.metrics
     assert metrics["benchmark.results.demo.groundtruth.acc_median"] < 1e-3
     assert "benchmark.results.demo.groundtruth.seconds_per_scene" in metrics
+
+
+def test_readers_name_the_bad_file(tmp_path):
+    from distill3r.benchmarks import readers
+
+    write_nrgbd(tmp_path / "nrgbd", num_scenes=1, frames=3)
+    poses = tmp_path / "nrgbd" / "scene0" / "poses.txt"
+    poses.write_text("\n".join(poses.read_text().splitlines()[:5]))
+    with pytest.raises(ValueError, match="poses.txt: 5 lines"):
+        readers.nrgbd(tmp_path / "nrgbd")
+    write_seven_scenes(tmp_path / "7s", num_scenes=1, frames=3)
+    (tmp_path / "7s" / "room0" / "seq-01" / "frame-000001.pose.txt").write_text("1 2 3\n")
+    scene = readers.seven_scenes(tmp_path / "7s")[0]
+    with pytest.raises(ValueError, match="frame-000001.pose.txt"):
+        scene.frames[1].load()
+    (tmp_path / "7s" / "room0" / "TestSplit.txt").unlink()
+    with pytest.raises(ValueError, match="TestSplit.txt: split file not found"):
+        readers.seven_scenes(tmp_path / "7s")
