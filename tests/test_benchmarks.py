@@ -12,7 +12,8 @@ from benchmark_fixtures import WRITERS, TruthModel, rotation_z, write_nrgbd, wri
 
 from distill3r.benchmarks import run_benchmarks
 from distill3r.benchmarks.models import Fast3RModel, GroundTruthModel, PlaneModel, StudentModel
-from distill3r.benchmarks.sample import keyframes, sample_plan, window_frames
+from distill3r.benchmarks.sample import (BenchFrame, BenchScene, keyframes, sample_plan,
+                                         window_frames)
 from distill3r.config import (BenchmarkParams, BenchmarkSpec, EvalParams, Params,
                               TeacherParams)
 from distill3r.geometry import invert_pose
@@ -107,6 +108,14 @@ def test_frame_selection_is_seeded_and_follows_the_window_rule():
         assert len(set(idx)) == 10 and idx in (order, order[::-1])
         assert max(np.diff(order)) <= 4
     assert keyframes(12, 5) == [0, 5, 10]
+    scenes = [BenchScene(f"s{i}", [BenchFrame(str(j), None) for j in range(40)])
+              for i in range(3)]
+    plan = sample_plan(scenes, "nrgbd", "window", 10, 8, seed=0)
+    assert [key for _, key, _ in plan][:4] == ["nrgbd__s0__s000", "nrgbd__s1__s000",
+                                               "nrgbd__s2__s000", "nrgbd__s0__s001"]
+    assert plan == sample_plan(scenes, "nrgbd", "window", 10, 8, seed=0)
+    assert [i for *_, i in plan] != [i for *_, i in sample_plan(scenes, "nrgbd", "window",
+                                                                   10, 8, seed=1)]
     with pytest.raises(ValueError, match="at least 10 frames"):
         window_frames(5, 10, 4, rng)
 
