@@ -18,7 +18,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 # The whole pipeline on the demo data (CPU, minutes), without the benchmark. DVC reruns only
 # what changed.
-DEMO_STAGES ?= evaluate infer
+DEMO_STAGES ?= evaluate infer benchmark
 demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro $(DEMO_STAGES)
 

@@ -209,6 +209,34 @@ class BenchParams:
 
 
 @dataclass
+class BenchmarkSpec:
+    """``benchmark.benchmarks`` entry: one public benchmark; a null field takes the
+    benchmark's protocol default (``distill3r.benchmarks.protocols``)."""
+
+    name: str  # "demo" | "sevenscenes" | "nrgbd" | "dtu" | "co3d"
+    root: Optional[str] = None  # the benchmark's folder; null or absent: skipped
+    views: Optional[int] = None  # views per sample (window / random selection)
+    samples: Optional[int] = None  # total samples over all scenes (null: protocol default)
+    selection: Optional[str] = None  # "window" | "keyframes" | "random"
+    kf_every: Optional[int] = None  # keyframes: every k-th frame
+    max_gap: Optional[int] = None  # window: largest index step between selected frames
+    split: Optional[str] = None  # demo: "val" / "train" scenes of the data split; null: all
+
+
+@dataclass
+class BenchmarkParams:
+    """Scoring models on public benchmarks with Fast3R's protocols (stage ``benchmark``)."""
+
+    benchmarks: list[BenchmarkSpec] = field(default_factory=list)
+    models: list[str] = field(default_factory=lambda: ["student", "groundtruth", "plane"])
+    long_side: int = 112  # evaluation grid long side (sides multiples of the student's patch)
+    max_scenes: Optional[int] = None  # scenes per benchmark (a quick run); null: all
+    device: str = "auto"
+    dtype: str = "bf16"  # the student's autocast dtype where supported
+    seed: int = 0
+
+
+@dataclass
 class Params:
     demo: DemoParams = field(default_factory=DemoParams)
     data: DataParams = field(default_factory=DataParams)
@@ -220,6 +248,7 @@ class Params:
     eval: EvalParams = field(default_factory=EvalParams)
     infer: InferParams = field(default_factory=InferParams)
     bench: BenchParams = field(default_factory=BenchParams)
+    benchmark: BenchmarkParams = field(default_factory=BenchmarkParams)
 
 
 # ----------------------------------------------------------------------------------------------

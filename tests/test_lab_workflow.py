@@ -30,6 +30,7 @@ TINY = {
     "infer": {"size": 28, "device": "cpu", "preview_views": 1},
     "bench": {"models": ["tiny"], "reference": "tiny", "views": [2], "image_size": [28, 28],
               "repeats": 1, "warmup": 0, "device": "cpu"},
+    "benchmark": {"long_side": 28, "max_scenes": 1, "device": "cpu"},
 }
 
 
@@ -67,6 +68,7 @@ def test_clone_pull_is_up_to_date_and_shows_the_run(tmp_path):
     for section, values in TINY.items():
         params[section].update(values)
     params["train"]["tracking_uri"] = store
+    params["benchmark"]["benchmarks"][0]["views"] = 3
     (a / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q", "-b", "main"], a)
     run(["dvc", "remote", "add", "-d", "-f", "local", remote], a)
@@ -84,7 +86,8 @@ def test_clone_pull_is_up_to_date_and_shows_the_run(tmp_path):
     assert "Data and pipelines are up to date" in run(["dvc", "status"], b)
     repro = run(["dvc", "repro"], b)
     assert "Running stage" not in repro, repro
-    for stage in ("render_demo", "manifest", "cache", "train", "evaluate", "infer", "bench"):
+    for stage in ("render_demo", "manifest", "cache", "train", "evaluate", "infer", "bench",
+                  "benchmark"):
         assert f"Stage '{stage}' didn't change, skipping" in repro, stage
 
     ref = read_run_ref(b / "reports" / "mlflow_run.json")
