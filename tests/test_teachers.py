@@ -1,5 +1,7 @@
 """Teachers: exact ground truth, and the Fast3R adapter's conversion with a stand-in module."""
 
+import json
+
 import cv2
 import numpy as np
 import pytest
@@ -255,3 +257,52 @@ def test_fast3r_lazy_import_and_attn_bias():
     model = torch.nn.Sequential(Block(), Block())
     assert disable_attn_bias(model) == 2
     assert not any(m.attn_bias_for_inference_enabled for m in model)
+
+
+# ---------------------------------------------------------------------------------------------
+# A saved model as the teacher
+# ---------------------------------------------------------------------------------------------
+def test_checkpoint_teacher_cache_round_trips_the_models_own_inference(tmp_path):
+    import dataclasses
+
+    from boxroom import make_box_room_manifest
+
+    from distill3r.cache.reader import read_split
+    from distill3r.cache.writer import build_cache
+    from distill3r.config import CacheParams, Params
+    from distill3r.models import build_student, images_to_input, save_student
+
+    torch.manual_seed(0)
+    folder = save_student(build_student("tiny"), tmp_path / "teacher")
+    manifest = make_box_room_manifest(tmp_path / "raw", num_scenes=2, frames=3, height=42,
+                                      width=56, val_scenes=1)
+    params = Params()
+    params.cache = CacheParams(image_size=[28, 42], views_per_sample=3, max_samples_per_scene=1)
+    params.teacher = dataclasses.replace(params.teacher, name="checkpoint",
+                                         checkpoint=str(folder), device="cpu", dtype="fp32",
+                                         conf_threshold=1.0)
+    build_cache(manifest, tmp_path / "cache", params, progress=False)
+    teacher = get_teacher(params.teacher)
+    index = json.loads((tmp_path / "cache" / "train" / "index.json").read_text())
+    assert index["teacher"]["fingerprint"] == teacher.fingerprint()
+    assert index["teacher"]["weights"] == json.loads((folder / "config.json").read_text())["sha256"]
+    model = teacher._load()
+    (sample,) = list(read_split(tmp_path / "cache" / "train"))
+    images = (sample["images"].permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
+    with torch.inference_mode():
+        own = model(images_to_input(images)[None])
+    for key in ("xyz_global", "xyz_local", "conf_global", "conf_local"):
+        want = own[key][0].float().numpy()
+        np.testing.assert_allclose(sample[key].numpy(), want, rtol=1e-3, atol=1e-3)  # float16
+    assert sample["mask"].all()
+    # another model is another teacher
+    torch.manual_seed(1)
+    other = save_student(build_student("tiny"), tmp_path / "other")
+    other_params = dataclasses.replace(params.teacher, checkpoint=str(other))
+    assert get_teacher(other_params).fingerprint() != teacher.fingerprint()
+    empty = TeacherInput(images=np.zeros((2, 28, 42, 3), np.uint8))
+    with pytest.raises(ValueError, match="cannot load the teacher from .*config.json"):
+        get_teacher(dataclasses.replace(params.teacher, checkpoint=str(tmp_path))).predict(empty)
+    with pytest.raises(ValueError, match="nope: teacher.checkpoint is not a model folder"):
+        get_teacher(dataclasses.replace(params.teacher, checkpoint=str(tmp_path / "nope"))
+                    ).predict(empty)

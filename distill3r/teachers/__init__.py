@@ -1,7 +1,8 @@
 """Teachers: one interface (views in, the four maps out at the cache resolution).
 
-``get_teacher(params)`` builds the teacher named by ``params.name``; the Fast3R adapter is
-imported only when asked for, so nothing else ever needs the ``fast3r`` package.
+``get_teacher(params)`` builds the teacher named by ``params.name``: ``groundtruth``,
+``fast3r`` (imported only when asked for, so nothing else ever needs the ``fast3r`` package) or
+``checkpoint`` (a saved Distill3R model folder).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from distill3r.config import TeacherParams
 from distill3r.teachers.base import Teacher, TeacherInput, TeacherOutput
 
-TEACHERS = ("groundtruth", "fast3r")
+TEACHERS = ("groundtruth", "fast3r", "checkpoint")
 
 __all__ = ["TEACHERS", "Teacher", "TeacherInput", "TeacherOutput", "get_teacher"]
 
@@ -24,4 +25,8 @@ def get_teacher(params: TeacherParams) -> Teacher:
         from distill3r.teachers.fast3r import Fast3RTeacher
 
         return Fast3RTeacher(params)
+    if params.name == "checkpoint":
+        from distill3r.teachers.checkpoint import CheckpointTeacher
+
+        return CheckpointTeacher(params)
     raise ValueError(f"teacher.name must be one of {', '.join(TEACHERS)}, got {params.name!r}")
