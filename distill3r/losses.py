@@ -34,7 +34,6 @@ from distill3r.config import LossParams
 _EPS = 1e-12
 _MIN_SCALE = 1e-6
 _FMAX = torch.finfo(torch.float32).max
-_WEIGHTINGS = ("teacher", "none", "student")
 _KEYS_PRED = ("xyz_global", "xyz_local", "conf_global", "conf_local")
 
 
@@ -76,13 +75,7 @@ class DistillationLoss(nn.Module):
 
     def __init__(self, params: LossParams) -> None:
         super().__init__()
-        if params.weighting not in _WEIGHTINGS:
-            raise ValueError(f"loss.weighting: unknown {params.weighting!r}; "
-                             f"choose from {_WEIGHTINGS}")
-        if params.conf_scale <= 0:
-            raise ValueError(f"loss.conf_scale must be > 0, got {params.conf_scale}")
-        if not 0.0 <= params.w_min <= 1.0:
-            raise ValueError(f"loss.w_min must be in [0, 1], got {params.w_min}")
+        params.validate("loss")
         self.params = params
 
     def _weight(self, teacher_conf: torch.Tensor, student_conf: torch.Tensor) -> torch.Tensor:

@@ -4,34 +4,21 @@
     # several machines/GPUs: each builds a disjoint part, then one runs the index step
     python stages/cache.py ... --shard-index 0 --num-shards 4
     python stages/cache.py ... --finalize
+
 Rerunning after an interruption resumes (complete shards are kept, the rest rebuilt).
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 
+from distill3r.cli import run_stage, stage_parser
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--manifest", required=True, help="manifest CSV (manifest stage output)")
-    parser.add_argument("--out", required=True, help="cache folder (<out>/<split>/shard-*.tar)")
-    parser.add_argument("--shard-index", type=int, default=0)
-    parser.add_argument("--num-shards", type=int, default=1)
-    parser.add_argument("--finalize", action="store_true",
-                        help="only run the index step (after every part has finished)")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+def _cache(args, params) -> int:
     from distill3r.cache.writer import build_cache, finalize_cache, plan_cache
-    from distill3r.config import load_params
     from distill3r.teachers import get_teacher
 
-    params = load_params(args.params)
     if args.finalize:
         plan = plan_cache(args.manifest, params.cache, get_teacher(params.teacher))
         if not finalize_cache(plan, args.out):
@@ -45,6 +32,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cache {state}: built {summary['built']} shard(s), {summary['shards']} shards per "
           f"split, {summary['samples_per_shard']} samples per shard -> {args.out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--manifest", required=True, help="manifest CSV (manifest stage output)")
+    parser.add_argument("--out", required=True, help="cache folder (<out>/<split>/shard-*.tar)")
+    parser.add_argument("--shard-index", type=int, default=0)
+    parser.add_argument("--num-shards", type=int, default=1)
+    parser.add_argument("--finalize", action="store_true",
+                        help="only run the index step (after every part has finished)")
+    return run_stage("cache", parser, _cache, argv)
 
 
 if __name__ == "__main__":

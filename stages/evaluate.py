@@ -2,7 +2,7 @@
 
     python stages/evaluate.py --params params.yaml --checkpoint models/student \
         --cache data/cache --out reports/eval.json [--run-ref reports/mlflow_run.json] \
-        [--max-samples N]
+        [--max-samples N] [--no-progress]
 
 Reads ``<cache>/val`` (scored) and ``<cache>/train`` (ground-truth depth for the layout-prior
 baseline) and the ``eval`` section (``model.name`` is checked against the checkpoint). Writes
@@ -12,46 +12,39 @@ exists the metrics are also logged to that MLflow run as ``eval.<block>.<metric>
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import logging
 import sys
 
-from distill3r.config import load_params
-from distill3r.evaluation.runner import format_table, run_evaluation
+from distill3r.cli import run_stage, stage_parser
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
-    p.add_argument("--checkpoint", required=True, help="student folder (model.safetensors + "
-                   "config.json), e.g. models/student")
-    p.add_argument("--cache", required=True, help="cache folder holding train/ and val/ shards")
-    p.add_argument("--out", required=True, help="metrics JSON to write, e.g. reports/eval.json")
-    p.add_argument("--run-ref", help="MLflow run reference of the train stage (used if present)")
-    p.add_argument("--max-samples", type=int, help="override eval.max_samples")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+def _evaluate(args, params) -> None:
+    from distill3r.evaluation.runner import format_table, run_evaluation
 
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    try:
-        params = load_params(args.params)
-        if args.max_samples is not None:
-            params.eval = dataclasses.replace(params.eval, max_samples=args.max_samples)
-        result = run_evaluation(params, args.checkpoint, args.cache, args.out,
-                                run_ref=args.run_ref, progress=not args.no_progress)
-    except ValueError as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
-        return 1
+    if args.max_samples is not None:
+        params.eval = dataclasses.replace(params.eval, max_samples=args.max_samples)
+        params.eval.validate("eval")
+    result = run_evaluation(params, args.checkpoint, args.cache, args.out,
+                            run_ref=args.run_ref, progress=not args.no_progress)
     report = result.report
     print(format_table(report))
     run = f", MLflow run {result.logged_run_id}" if result.logged_run_id else ""
     print(f"evaluate: {report['num_samples']} sample(s) ({report['num_samples_gt']} with ground "
           f"truth), {report['seconds_per_sample']:.3f} s/sample -> {result.out_path}{run}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--checkpoint", required=True, help="student folder (model.safetensors "
+                        "+ config.json), e.g. models/student")
+    parser.add_argument("--cache", required=True,
+                        help="cache folder holding train/ and val/ shards")
+    parser.add_argument("--out", required=True, help="metrics JSON to write, e.g. "
+                        "reports/eval.json")
+    parser.add_argument("--run-ref", help="MLflow run reference of the train stage (used if "
+                        "present)")
+    parser.add_argument("--max-samples", type=int, help="override eval.max_samples")
+    return run_stage("evaluate", parser, _evaluate, argv)
 
 
 if __name__ == "__main__":

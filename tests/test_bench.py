@@ -114,7 +114,7 @@ def test_summary_ratios_and_checks():
     ({"image_size": [210, 210]}, r"bench\.image_size.*patch size 16.*'fast3r-large'"),
     ({"model_image_sizes": [[224, 224]]}, r"bench\.model_image_sizes.*one \[H, W\] per model"),
     ({"profile": "gpu"}, r"bench\.profile"),
-    ({"dtype": "int8"}, r"bench:.*dtype"),
+    ({"dtype": "int8"}, r"bench\.dtype.*int8.*bf16"),
     ({"repeats": 0}, r"bench\.repeats"),
     ({"device": "cpu", "profile": "paper"}, r"bench\.profile 'paper'.*CUDA"),
 ])

@@ -59,24 +59,6 @@ def config_hash(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def validate_params(params: DemoParams) -> None:
-    """``ValueError`` naming the ``demo.*`` key for values the renderer cannot use."""
-    checks = [
-        ("num_scenes", params.num_scenes >= 1, "must be >= 1"),
-        ("views_per_scene", params.views_per_scene >= 1, "must be >= 1"),
-        ("height", params.height >= 8, "must be >= 8 pixels"),
-        ("width", params.width >= 8, "must be >= 8 pixels"),
-        ("workers", params.workers >= 0, "must be >= 0"),
-        ("objects_min", params.objects_min >= 0, "must be >= 0"),
-        ("objects_max", params.objects_max >= params.objects_min, "must be >= objects_min"),
-        ("min_object_distance", params.min_object_distance >= 0, "must be >= 0"),
-        ("orbit_degrees", 0 <= params.orbit_degrees <= 360, "must be in [0, 360]"),
-    ]
-    for key, ok, rule in checks:
-        if not ok:
-            raise ValueError(f"demo.{key}={getattr(params, key)!r}: {rule}")
-
-
 def intrinsics(fov_deg: float, width: int, height: int) -> tuple[np.ndarray, list[float]]:
     """``(K [3,3], pybullet projection matrix as a flat list)`` for a vertical FOV."""
     import pybullet as pb
@@ -260,7 +242,7 @@ def _task(args: tuple) -> str:
 def render_demo(out_dir: str | Path, params: DemoParams, progress: bool = True) -> list[str]:
     """Render ``params.num_scenes`` scenes into ``out_dir`` (skipping complete, matching ones)
     with ``params.workers`` processes; returns the scene names in order."""
-    validate_params(params)
+    params.validate("demo")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clean_stale(out_dir, params.num_scenes)

@@ -70,22 +70,6 @@ class EvalResult:
 # ---------------------------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------------------------
-def check_eval_params(ep: EvalParams) -> None:
-    """``ValueError`` naming the ``eval.*`` key for unusable values."""
-    checks = [("batch_size", ep.batch_size >= 1, "must be >= 1"),
-              ("max_samples", ep.max_samples is None or ep.max_samples >= 1,
-               "must be >= 1 or null"),
-              ("conf_top_fraction", 0 < ep.conf_top_fraction <= 1, "must be in (0, 1]"),
-              ("pnp_reprojection_px", ep.pnp_reprojection_px > 0, "must be > 0"),
-              ("max_points", ep.max_points >= 1, "must be >= 1"),
-              ("layout_prior_max_samples", ep.layout_prior_max_samples is None
-               or ep.layout_prior_max_samples >= 1, "must be >= 1 or null")]
-    for key, ok, rule in checks:
-        if not ok:
-            raise ValueError(f"eval.{key}={getattr(ep, key)!r}: {rule}")
-    parse_dtype(ep.dtype)
-
-
 def load_checked_student(checkpoint: Path, params: Params, device: torch.device):
     """The student in eval mode; ``ValueError`` if the folder is missing or unreadable, or its
     architecture differs from ``model.name`` in params (a checkpoint of another config)."""
@@ -264,7 +248,7 @@ def run_evaluation(params: Params, checkpoint: str | Path, cache_dir: str | Path
     from tqdm import tqdm
 
     ep = params.eval
-    check_eval_params(ep)
+    ep.validate("eval")
     checkpoint, cache_dir, out_path = Path(checkpoint), Path(cache_dir), Path(out_path)
     ref = read_run_ref(run_ref) if run_ref is not None and Path(run_ref).is_file() else None
     if run_ref is not None and ref is None:

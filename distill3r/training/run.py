@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from distill3r.config import Params, TrainParams
 from distill3r.models import save_student
+from distill3r.runtime import choose_threads
 from distill3r.tracking import (log_artifacts_dir, make_lightning_logger, read_run_ref,
                                 resolve_tracking_uri, start_run, write_run_ref)
 from distill3r.training.augment import Augmenter
@@ -84,29 +84,13 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 
 def set_threads(threads: Optional[int], trainer: L.Trainer) -> int:
-    """Torch intra-op threads of this process: ``threads``, or with null the cores divided by
-    the processes per node when several CPU ranks share the machine (OpenMP threads that
-    outnumber the cores spin-wait at every barrier and slow a step down many times); returns
-    the count in use."""
-    if threads is not None:
-        torch.set_num_threads(threads)
-    elif isinstance(trainer.accelerator, CPUAccelerator) and trainer.num_devices > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // trainer.num_devices))
+    """Torch intra-op threads of this process: ``threads`` (``runtime.threads``), or with null
+    the idle cores divided by the CPU ranks of this node (:func:`distill3r.runtime.
+    choose_threads`: OpenMP threads that outnumber the cores slow a step down many times);
+    returns the count in use."""
+    cpu_ranks = trainer.num_devices if isinstance(trainer.accelerator, CPUAccelerator) else 1
+    torch.set_num_threads(choose_threads(threads, cpu_ranks))
     return torch.get_num_threads()
-
-
-def check_train_params(tp: TrainParams) -> None:
-    """``ValueError`` naming the key for values Lightning would reject late or silently."""
-    positive = ("batch_size", "accumulate_grad_batches", "max_steps", "val_every_steps",
-                "checkpoint_every_steps", "log_every_steps", "num_nodes")
-    for key in positive:
-        if getattr(tp, key) < 1:
-            raise ValueError(f"train.{key} must be >= 1, got {getattr(tp, key)}")
-    if tp.warmup_steps < 0 or tp.grad_clip < 0 or tp.color_jitter < 0:
-        raise ValueError("train.warmup_steps, train.grad_clip and train.color_jitter must be >= 0")
-    for key in ("views", "threads"):
-        if getattr(tp, key) is not None and getattr(tp, key) < 1:
-            raise ValueError(f"train.{key} must be >= 1 or null, got {getattr(tp, key)}")
 
 
 def cache_fingerprint(cache_dir: Path) -> str:
@@ -127,7 +111,7 @@ def clear_checkpoints(folder: Path, keep_last: bool) -> None:
         path.unlink(missing_ok=True)
 
 
-def _trainer(tp: TrainParams, checkpoints: Path, callbacks: list) -> L.Trainer:
+def _trainer(tp: TrainParams, checkpoints: Path, callbacks: list, progress: bool) -> L.Trainer:
     precision = resolve_precision(tp.precision, tp.accelerator)
     # checkpoints/last.ckpt only; step-named copies are not kept (save_top_k=0).
     checkpoint = ModelCheckpoint(dirpath=checkpoints, filename=STEP_PREFIX + "{step:08d}",
@@ -144,7 +128,7 @@ def _trainer(tp: TrainParams, checkpoints: Path, callbacks: list) -> L.Trainer:
         log_every_n_steps=tp.log_every_steps, reload_dataloaders_every_n_epochs=1,
         callbacks=[checkpoint, StepPrinter(tp.log_every_steps), *callbacks],
         plugins=[AtomicCheckpointIO()], logger=False, default_root_dir=checkpoints,
-        enable_progress_bar=False, enable_model_summary=True, deterministic=False,
+        enable_progress_bar=progress, enable_model_summary=True, deterministic=False,
     )
 
 
@@ -179,7 +163,7 @@ def train(params: Params, cache_dir: str | Path, out_dir: str | Path,
           checkpoints_dir: str | Path, resume: bool = False,
           run_ref: Optional[str | Path] = None, max_steps: Optional[int] = None,
           keys_dir: Optional[str | Path] = None, plots: Optional[str | Path] = None,
-          metrics: Optional[str | Path] = None) -> TrainResult:
+          metrics: Optional[str | Path] = None, progress: bool = False) -> TrainResult:
     """Train the student on ``<cache_dir>/train`` (validating on ``<cache_dir>/val``).
 
     Args:
@@ -192,12 +176,14 @@ def train(params: Params, cache_dir: str | Path, out_dir: str | Path,
         max_steps: override ``train.max_steps`` (tests, quick trials; logged as the param).
         keys_dir: record the sample keys of every batch per rank (debugging, tests).
         plots, metrics: validation curve CSV and final metrics JSON (for ``dvc plots/metrics``).
+        progress: Lightning's progress bar (besides the step lines every
+            ``train.log_every_steps``).
     """
     if max_steps is not None:
         params = dataclasses.replace(params, train=dataclasses.replace(params.train,
                                                                        max_steps=max_steps))
     tp = params.train
-    check_train_params(tp)
+    tp.validate("train")
     cache_dir, out_dir, checkpoints = Path(cache_dir), Path(out_dir), Path(checkpoints_dir)
     augment = Augmenter(views=tp.views, shuffle_view0=tp.shuffle_view0,
                         color_jitter=tp.color_jitter, seed=tp.seed)
@@ -209,10 +195,10 @@ def train(params: Params, cache_dir: str | Path, out_dir: str | Path,
     module = DistillModule(params.model, params.loss, tp,
                            run_info={"cache_fingerprint": fingerprint})
     callbacks: list[Any] = [] if keys_dir is None else [KeyRecorder(keys_dir)]
-    trainer = _trainer(tp, checkpoints, callbacks)
+    trainer = _trainer(tp, checkpoints, callbacks, progress)
     data.check_world(trainer.world_size)
     log.info("rank %d of %d, %d torch thread(s)", trainer.global_rank, trainer.world_size,
-             set_threads(tp.threads, trainer))
+             set_threads(params.runtime.threads, trainer))
     ckpt_path = checkpoints / LAST if resume and (checkpoints / LAST).is_file() else None
     if resume and ckpt_path is None:
         warnings.warn(f"--resume: {checkpoints / LAST} not found, starting from scratch",
