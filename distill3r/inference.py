@@ -33,7 +33,7 @@ import torch
 
 from distill3r.config import InferParams
 from distill3r.data.io import IMAGE_SUFFIXES, fit_size, read_image, resize_crop
-from distill3r.devices import autocast, bf16_supported, parse_dtype, resolve_device
+from distill3r.devices import autocast, resolve_device, resolve_dtype
 from distill3r.evaluation.metrics import subsample_indices
 from distill3r.evaluation.poses import estimate_focal, intrinsics, pnp_poses, procrustes_poses
 from distill3r.export import write_ply, write_preview
@@ -227,9 +227,7 @@ def reconstruct_scene(model: torch.nn.Module, scene: Scene, output_dir: str | Pa
     patch = int(getattr(model, "patch_size", 14))
     images, sizes = load_views(scene.images, params.size, patch)
     t1 = time.perf_counter()
-    dtype = parse_dtype(params.dtype)
-    if dtype == torch.bfloat16 and not bf16_supported(device):
-        dtype = torch.float32
+    dtype = resolve_dtype(params.dtype, device)
     pred = predict(model, images, device, dtype)
     t2 = time.perf_counter()
     points, colors, keep, threshold = select_points(

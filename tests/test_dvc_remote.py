@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from distill3r.testing.services import sshd, sshd_available
+from services import sshd, sshd_available
 
 DVC = Path(sys.executable).parent / "dvc"
 ENV = {

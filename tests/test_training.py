@@ -79,10 +79,10 @@ def test_param_groups_no_decay_for_norms_biases_tokens():
 
 
 def test_bf16_falls_back_to_fp32_on_cpu_without_bf16(monkeypatch):
-    monkeypatch.setattr(run_module, "cpu_bf16_supported", lambda: False)
+    monkeypatch.setattr(run_module, "bf16_supported", lambda device: False)
     with pytest.warns(UserWarning, match="falling back"):
         assert resolve_precision("bf16-mixed", "cpu") == "32-true"
-    monkeypatch.setattr(run_module, "cpu_bf16_supported", lambda: True)
+    monkeypatch.setattr(run_module, "bf16_supported", lambda device: True)
     assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
 
 

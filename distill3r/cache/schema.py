@@ -1,4 +1,4 @@
-"""The cache sample format (CONTRACTS.md, data contract 3): encode to and decode from bytes.
+"""The cache sample format: encode one sample to WebDataset members and decode it back.
 
 One WebDataset sample = one multi-view sample, members:
 - ``teacher.npz``: ``xyz_global``, ``xyz_local`` float16 ``[N,H,W,3]``; ``conf_global``,
@@ -140,7 +140,7 @@ def _expect(arrays: dict, name: str, dtype, shape: tuple, member: str, where: st
 
 
 def decode_sample(raw: dict) -> dict[str, Any]:
-    """A raw WebDataset sample (bytes members) -> tensors (CONTRACTS.md, reader API).
+    """A raw WebDataset sample (bytes members) -> tensors (what the cache readers return).
 
     Returns ``key``, ``images`` float32 ``[N,3,H,W]`` in [0,1], ``xyz_global``/``xyz_local``
     float32 ``[N,H,W,3]``, ``conf_global``/``conf_local`` float32 ``[N,H,W]``, ``mask`` bool

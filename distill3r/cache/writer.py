@@ -272,7 +272,8 @@ def build_cache(manifest_csv: str | Path, out_dir: str | Path, params, shard_ind
         teacher: use this teacher instead of ``get_teacher(params.teacher)``.
         finalize: run the index step when every shard exists (always tried when possible).
     Returns:
-        ``{"fingerprint", "built", "skipped_shards", "complete"}``.
+        ``{"fingerprint", "built", "skipped_shards", "complete", "shards" ({split: shard
+        count}), "samples_per_shard"}``.
     """
     if num_shards < 1 or not 0 <= shard_index < num_shards:
         raise ValueError(f"need 0 <= shard_index < num_shards, got {shard_index}, {num_shards}")

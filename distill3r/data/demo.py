@@ -1,6 +1,6 @@
 """The built-in demo dataset: closed textured rooms rendered with pybullet's CPU renderer.
 
-``render_demo(out_dir, params)`` writes one folder per scene (CONTRACTS.md, contract 1)::
+``render_demo(out_dir, params)`` writes one folder per scene (the ``demo`` source reads it)::
 
     <out_dir>/scene_0000/rgb/000000.png     RGB uint8 [H,W,3]
     <out_dir>/scene_0000/depth/000000.png   uint16 z-depth, 0.1 mm per unit, 0 = invalid

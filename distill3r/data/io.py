@@ -1,6 +1,6 @@
 """Image and depth files, and the one resize rule of the project.
 
-Resize rule (DESIGN.md): never stretch. ``resize_crop`` scales an image uniformly so that it
+Resize rule: never stretch. ``resize_crop`` scales an image uniformly so that it
 covers the target size, then centre-crops; intrinsics and depth follow exactly the same
 transform. Target sizes are multiples of the patch size (``fit_size``).
 """

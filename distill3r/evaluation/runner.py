@@ -38,7 +38,7 @@ import torch
 
 from distill3r.cache.reader import cache_dataset, read_index
 from distill3r.config import EvalParams, Params
-from distill3r.devices import autocast, bf16_supported, parse_dtype, resolve_device
+from distill3r.devices import autocast, resolve_device, resolve_dtype
 from distill3r.evaluation.baselines import fit_layout_prior, layout_baseline, plane_baseline
 from distill3r.evaluation.protocol import aggregate_metrics, evaluate_sample
 from distill3r.inference import checkpoint_fingerprint
@@ -254,9 +254,7 @@ def run_evaluation(params: Params, checkpoint: str | Path, cache_dir: str | Path
     if run_ref is not None and ref is None:
         log.info("%s not found: metrics are not logged to MLflow", run_ref)
     device = resolve_device(ep.device)
-    dtype = parse_dtype(ep.dtype)
-    if dtype == torch.bfloat16 and not bf16_supported(device):
-        dtype = torch.float32
+    dtype = resolve_dtype(ep.dtype, device)
     model = load_checked_student(checkpoint, params, device)
     index = check_split(cache_dir / "val", model.patch_size)
     prior, prior_views = train_layout_prior(cache_dir / "train", index["image_size"],

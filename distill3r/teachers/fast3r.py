@@ -1,4 +1,5 @@
-"""Fast3R teacher adapter (REFERENCE section 3). The ``fast3r`` package is imported lazily.
+"""Fast3R teacher adapter (upstream facebookresearch/fast3r). The ``fast3r`` package is imported
+lazily.
 
 Pipeline for one sample of N views (cache resolution ``(H, W)``, Fast3R long side ``S``=512):
 1. each source image is cropped to the region the cache image covers (the cache aspect; the
@@ -62,7 +63,7 @@ def fast3r_precision(dtype: str) -> Any:
     if dtype == "bf16":
         return torch.bfloat16
     if dtype == "fp32":
-        return "32"  # true fp32: torch.float32 still runs under autocast (REFERENCE pitfall 2)
+        return "32"  # upstream inference: a torch.float32 dtype still runs under autocast
     raise ValueError(f"teacher.dtype must be 'bf16' or 'fp32' for fast3r, got {dtype!r}")
 
 
@@ -253,8 +254,8 @@ def load_fast3r(checkpoint: str, device) -> tuple[Any, Callable]:
 
 
 def disable_attn_bias(model) -> int:
-    """Switch off ``attn_bias_for_inference_enabled`` everywhere (must stay off for the released
-    weights, REFERENCE pitfall 3); returns how many modules had it on."""
+    """Switch off ``attn_bias_for_inference_enabled`` everywhere (it must stay off for the
+    released weights); returns how many modules had it on."""
     changed = 0
     for module in model.modules():
         if getattr(module, "attn_bias_for_inference_enabled", False):

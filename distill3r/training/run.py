@@ -37,6 +37,7 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from distill3r.config import Params, TrainParams
+from distill3r.devices import bf16_supported
 from distill3r.models import save_student
 from distill3r.runtime import choose_threads
 from distill3r.tracking import (log_artifacts_dir, make_lightning_logger, read_run_ref,
@@ -64,19 +65,11 @@ class TrainResult:
     student: torch.nn.Module  # the trained student (eval mode, CPU on rank 0)
 
 
-def cpu_bf16_supported() -> bool:
-    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 / AMX via oneDNN)."""
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    try:
-        return bool(check()) if check is not None else False
-    except RuntimeError:
-        return False
-
-
 def resolve_precision(precision: str, accelerator: str) -> str:
-    """``train.precision`` for Lightning; bf16 on a CPU without bf16 support falls back to 32."""
+    """``train.precision`` for Lightning; bf16 on a CPU without native bf16
+    (:func:`~distill3r.devices.bf16_supported`, the policy of every stage) falls back to 32."""
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if precision.startswith("bf16") and on_cpu and not cpu_bf16_supported():
+    if precision.startswith("bf16") and on_cpu and not bf16_supported(torch.device("cpu")):
         warnings.warn(f"train.precision={precision!r} but this CPU has no native bf16: "
                       "falling back to 32-bit", stacklevel=2)
         return "32-true"
@@ -93,8 +86,9 @@ def set_threads(threads: Optional[int], trainer: L.Trainer) -> int:
     return torch.get_num_threads()
 
 
-def cache_fingerprint(cache_dir: Path) -> str:
-    """SHA-256 (16 hex) of the train and val ``index.json`` files: names the exact cache."""
+def cache_index_digest(cache_dir: Path) -> str:
+    """SHA-256 (16 hex) of the train and val ``index.json`` files: names the exact shards (the
+    cache's own ``fingerprint`` names what built them: manifest, sampling params, teacher)."""
     digest = hashlib.sha256()
     for split in ("train", "val"):
         digest.update((cache_dir / split / "index.json").read_bytes())
@@ -133,7 +127,7 @@ def _trainer(tp: TrainParams, checkpoints: Path, callbacks: list, progress: bool
 
 
 def _tracked_run(rank0: bool, params: Params, tracking_uri: str, checkpoints: Path,
-                 ckpt_path: Optional[Path], fingerprint: str):
+                 ckpt_path: Optional[Path], cache_tags: dict[str, str]):
     """The MLflow run on rank 0 (the resumed checkpoint's run when there is one, else a new
     run with every param), a no-op context on the other ranks."""
     if not rank0:
@@ -141,7 +135,7 @@ def _tracked_run(rank0: bool, params: Params, tracking_uri: str, checkpoints: Pa
     tp = params.train
     run_id = _previous_run(checkpoints, ckpt_path, tracking_uri)
     return start_run(None if run_id else params, tracking_uri, tp.experiment, run_name="train",
-                     tags={"cache.fingerprint": fingerprint}, system_metrics=tp.system_metrics,
+                     tags=cache_tags, system_metrics=tp.system_metrics,
                      run_id=run_id)
 
 
@@ -190,10 +184,11 @@ def train(params: Params, cache_dir: str | Path, out_dir: str | Path,
     data = CacheDataModule(cache_dir / "train", cache_dir / "val", tp.batch_size,
                            tp.num_workers, tp.seed, augment, tp.accumulate_grad_batches)
     check_cache(data.train_index, data.val_index, params, cache_dir)
-    fingerprint = cache_fingerprint(cache_dir)
+    cache_tags = {"cache.fingerprint": str(data.train_index.get("fingerprint")),
+                  "cache.index_sha256": cache_index_digest(cache_dir)}
     L.seed_everything(tp.seed, workers=True, verbose=False)
     module = DistillModule(params.model, params.loss, tp,
-                           run_info={"cache_fingerprint": fingerprint})
+                           run_info={k.replace(".", "_"): v for k, v in cache_tags.items()})
     callbacks: list[Any] = [] if keys_dir is None else [KeyRecorder(keys_dir)]
     trainer = _trainer(tp, checkpoints, callbacks, progress)
     data.check_world(trainer.world_size)
@@ -207,7 +202,7 @@ def train(params: Params, cache_dir: str | Path, out_dir: str | Path,
     if rank0:
         clear_checkpoints(checkpoints, keep_last=ckpt_path is not None)
     tracking_uri = resolve_tracking_uri(tp.tracking_uri)
-    with _tracked_run(rank0, params, tracking_uri, checkpoints, ckpt_path, fingerprint) as active:
+    with _tracked_run(rank0, params, tracking_uri, checkpoints, ckpt_path, cache_tags) as active:
         if rank0:
             write_run_ref(checkpoints / RUN_FILE, active, tracking_uri)
             trainer.loggers = [make_lightning_logger(tracking_uri, tp.experiment,
