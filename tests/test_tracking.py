@@ -70,6 +70,7 @@ def client(server):
     return MlflowClient(server)
 
 
+@pytest.mark.slow  # starts an MLflow server
 def test_run_roundtrip_on_server(server, client, tmp_path):
     repo = git_repo(tmp_path / "repo")
     commit = run(["git", "rev-parse", "HEAD"], repo).strip()
