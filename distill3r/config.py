@@ -21,7 +21,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from distill3r.strict import check_choices, flatten, from_dict, to_dict
+from distill3r.strict import (check_choices, check_device, flatten, from_dict, require,
+                              to_dict)
 
 __all__ = ["BenchParams", "CacheParams", "DataParams", "DatasetSampling", "DemoParams",
            "EvalParams", "InferParams", "LossParams", "ModelParams", "Params", "RuntimeParams",
@@ -32,19 +33,6 @@ ModelName = Literal["paper", "tiny", "fast3r-large"]  # distill3r.models.configs
 SamplingMode = Literal["random", "stride", "nearby"]
 TeacherName = Literal["groundtruth", "fast3r"]
 ComputeDtype = Literal["bf16", "fp16", "fp32"]
-_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-
-
-def _require(checks: list[tuple[str, bool, str]], obj: Any, where: str) -> None:
-    """Raise ``ValueError("<where>.<key>=<value>: <rule>")`` for the first failed check."""
-    for key, ok, rule in checks:
-        if not ok:
-            raise ValueError(f"{where}.{key}={getattr(obj, key)!r}: {rule}")
-
-
-def _check_device(value: str, key: str) -> None:
-    if not _DEVICE.fullmatch(value):
-        raise ValueError(f"{key}: {value!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,7 +54,7 @@ class DemoParams:
     orbit_degrees: float = 120.0  # the partial orbit the cameras of one scene span
 
     def validate(self, where: str = "demo") -> None:
-        _require([("num_scenes", self.num_scenes >= 1, "must be >= 1"),
+        require([("num_scenes", self.num_scenes >= 1, "must be >= 1"),
                   ("views_per_scene", self.views_per_scene >= 1, "must be >= 1"),
                   ("height", self.height >= 8, "must be >= 8 pixels"),
                   ("width", self.width >= 8, "must be >= 8 pixels"),
@@ -90,7 +78,7 @@ class SourceParams:
     options: dict[str, Any] = field(default_factory=dict)  # the kind's own options (README)
 
     def validate(self, where: str = "data.sources[0]") -> None:
-        _require([("kind", bool(self.kind), "must name a source kind"),
+        require([("kind", bool(self.kind), "must name a source kind"),
                   ("sample_frac", 0.0 < self.sample_frac <= 1.0, "must be in (0, 1]")],
                  self, where)
 
@@ -106,7 +94,7 @@ class DataParams:
     split_salt: str = "distill3r"  # the stable scene hash that decides train/val
 
     def validate(self, where: str = "data") -> None:
-        _require([("val_fraction", 0.0 <= self.val_fraction <= 1.0, "must be in [0, 1]"),
+        require([("val_fraction", 0.0 <= self.val_fraction <= 1.0, "must be in [0, 1]"),
                   ("resize_max", self.resize_max >= 1, "must be >= 1"),
                   ("min_frames", self.min_frames >= 1, "must be >= 1"),
                   ("sources", bool(self.sources), "at least one source is needed")], self, where)
@@ -145,7 +133,7 @@ class CacheParams:
     def validate(self, where: str = "cache") -> None:
         check_choices(self, where)
         size_ok = len(self.image_size) == 2 and min(self.image_size) >= 1
-        _require([("image_size", size_ok, "must be [H, W] with H, W >= 1"),
+        require([("image_size", size_ok, "must be [H, W] with H, W >= 1"),
                   ("views_per_sample", self.views_per_sample >= 1, "must be >= 1"),
                   ("max_samples_per_scene", self.max_samples_per_scene >= 1, "must be >= 1"),
                   ("frame_stride", self.frame_stride >= 1, "must be >= 1"),
@@ -203,8 +191,8 @@ class TeacherParams:
 
     def validate(self, where: str = "teacher") -> None:
         check_choices(self, where)
-        _check_device(self.device, f"{where}.device")
-        _require([("image_size", self.image_size >= 16 and self.image_size % 16 == 0,
+        check_device(self.device, f"{where}.device")
+        require([("image_size", self.image_size >= 16 and self.image_size % 16 == 0,
                    "must be a positive multiple of 16"),
                   ("edge_threshold", self.edge_threshold > 0, "must be > 0"),
                   ("edge_confidence", self.edge_confidence >= 1, "must be >= 1"),
@@ -221,7 +209,7 @@ class ModelParams:
 
     def validate(self, where: str = "model") -> None:
         check_choices(self, where)
-        _require([("head_chunk_size", self.head_chunk_size >= 1, "must be >= 1")], self, where)
+        require([("head_chunk_size", self.head_chunk_size >= 1, "must be >= 1")], self, where)
 
 
 @dataclass
@@ -238,7 +226,7 @@ class LossParams:
 
     def validate(self, where: str = "loss") -> None:
         check_choices(self, where)
-        _require([("alpha_global", self.alpha_global >= 0, "must be >= 0"),
+        require([("alpha_global", self.alpha_global >= 0, "must be >= 0"),
                   ("alpha_local", self.alpha_local >= 0, "must be >= 0"),
                   ("gamma_conf", self.gamma_conf >= 0, "must be >= 0"),
                   ("conf_scale", self.conf_scale > 0, "must be > 0"),
@@ -281,7 +269,7 @@ class TrainParams:
         check_choices(self, where)
         positive = ("batch_size", "accumulate_grad_batches", "max_steps", "val_every_steps",
                     "checkpoint_every_steps", "log_every_steps", "num_nodes")
-        _require([(k, getattr(self, k) >= 1, "must be >= 1") for k in positive]
+        require([(k, getattr(self, k) >= 1, "must be >= 1") for k in positive]
                  + [(k, getattr(self, k) >= 0, "must be >= 0")
                     for k in ("warmup_steps", "grad_clip", "color_jitter", "num_workers",
                               "weight_decay")]
@@ -293,7 +281,7 @@ class TrainParams:
                  self, where)
         devices_ok = (self.devices >= 1 or self.devices == -1 if isinstance(self.devices, int)
                       else re.fullmatch(r"auto|-1|\d+(,\d+)*,?", self.devices) is not None)
-        _require([("devices", devices_ok, "must be a count >= 1, -1, 'auto' or a list like "
+        require([("devices", devices_ok, "must be a count >= 1, -1, 'auto' or a list like "
                    "'0,1'")], self, where)
 
 
@@ -313,8 +301,8 @@ class EvalParams:
 
     def validate(self, where: str = "eval") -> None:
         check_choices(self, where)
-        _check_device(self.device, f"{where}.device")
-        _require([("batch_size", self.batch_size >= 1, "must be >= 1"),
+        check_device(self.device, f"{where}.device")
+        require([("batch_size", self.batch_size >= 1, "must be >= 1"),
                   ("max_samples", self.max_samples is None or self.max_samples >= 1,
                    "must be >= 1 or null"),
                   ("conf_top_fraction", 0 < self.conf_top_fraction <= 1, "must be in (0, 1]"),
@@ -339,8 +327,8 @@ class InferParams:
 
     def validate(self, where: str = "infer") -> None:
         check_choices(self, where)
-        _check_device(self.device, f"{where}.device")
-        _require([("size", self.size >= 1, "must be >= 1"),
+        check_device(self.device, f"{where}.device")
+        require([("size", self.size >= 1, "must be >= 1"),
                   ("conf_percentile", 0 <= self.conf_percentile <= 100, "must be in [0, 100]"),
                   ("max_points", self.max_points >= 1, "must be >= 1"),
                   ("pnp_reprojection_px", self.pnp_reprojection_px > 0, "must be > 0"),
@@ -368,9 +356,9 @@ class BenchParams:
 
     def validate(self, where: str = "bench") -> None:
         check_choices(self, where)
-        _check_device(self.device, f"{where}.device")
+        check_device(self.device, f"{where}.device")
         sizes = [self.image_size] + list(self.model_image_sizes or [])
-        _require([("models", bool(self.models), "must list at least one model"),
+        require([("models", bool(self.models), "must list at least one model"),
                   ("views", bool(self.views) and min(self.views) >= 1,
                    "must list view counts >= 1"),
                   ("image_size", all(len(s) == 2 and min(s) >= 1 for s in sizes),
@@ -393,7 +381,7 @@ class RuntimeParams:
 
     def validate(self, where: str = "runtime") -> None:
         check_choices(self, where)
-        _require([("threads", self.threads is None or self.threads >= 1,
+        require([("threads", self.threads is None or self.threads >= 1,
                    "must be >= 1 or null")], self, where)
 
 

@@ -3,15 +3,19 @@ outside a ``Literal[...]`` raise ``ValueError`` naming the dotted key.
 
 ``from_dict(cls, values, where)`` builds ``cls`` (nested dataclasses, lists, optionals, unions,
 literals); :func:`check_choices` applies the ``Literal`` rule to a dataclass built in code, so a
-``validate()`` method rejects the same values whether the instance came from YAML or from Python.
+``validate()`` method rejects the same values whether the instance came from YAML or from Python;
+:func:`require` and :func:`check_device` are the range and device-name checks those methods use.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Literal, Union
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 def _type_name(tp: Any) -> str:
@@ -139,6 +143,18 @@ def check_choices(obj: Any, where: str) -> None:
 
 def _allows_none(tp: Any) -> bool:
     return type(None) in typing.get_args(tp)
+
+
+def require(checks: list[tuple[str, bool, str]], obj: Any, where: str) -> None:
+    """Raise ``ValueError("<where>.<key>=<value>: <rule>")`` for the first failed check."""
+    for key, ok, rule in checks:
+        if not ok:
+            raise ValueError(f"{where}.{key}={getattr(obj, key)!r}: {rule}")
+
+
+def check_device(value: str, key: str) -> None:
+    if not _DEVICE.fullmatch(value):
+        raise ValueError(f"{key}: {value!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
 
 
 def to_dict(obj: Any) -> Any:

@@ -24,7 +24,7 @@ from distill3r.data.demo import render_demo
 from distill3r.data.io import read_depth, read_image
 from distill3r.data.manifest import FrameRecord, read_manifest
 from distill3r.data.sampling import ViewSample
-from distill3r.geometry import GL_TO_CV, depth_to_camera_points, invert_pose, transform_points
+from distill3r.geometry import depth_to_camera_points, invert_pose, transform_points
 from distill3r.teachers.groundtruth import GroundTruthTeacher
 
 TOLERANCE = 1e-3  # median relative point error a correct reader stays below
