@@ -1,11 +1,12 @@
-# Distill3R: `make demo` runs the whole pipeline on the built-in demo data; `make test` the suite.
+# Distill3R: `make demo` runs the whole pipeline on the built-in demo data; `make test` the suite
+# (`make test-fast`: the unit tests, `make test-gpu`: the CUDA tests).
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo bench plots test lock clean-demo
+.PHONY: setup demo bench plots test test-fast test-gpu lock clean-demo
 
 setup: $(STAMP)
 
@@ -35,6 +36,14 @@ plots: $(PLOTS_TEMPLATE)
 
 test: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The unit tests alone (no test marked slow, no GPU tests): under a minute.
+test-fast: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+
+# The CUDA tests (skipped without a CUDA device); -s prints the figures they measure.
+test-gpu: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -s tests/gpu $(PYTEST_ARGS)
 
 # Refresh the exact lock of the environment (commit the result).
 lock: setup

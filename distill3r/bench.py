@@ -41,12 +41,13 @@ from typing import Callable, Optional
 
 import psutil
 import torch
+from tqdm import tqdm
 
 from distill3r.config import BenchParams
 from distill3r.devices import autocast, parse_dtype, resolve_device
 from distill3r.flops import forward_flops
 from distill3r.jsonio import write_json
-from distill3r.models import MODEL_CONFIGS, build_student, get_config
+from distill3r.models import build_student, get_config
 
 ROW_MARKER = "DISTILL3R_BENCH_ROW "
 PAPER_VIEWS = [12, 32, 64, 96, 128]
@@ -86,30 +87,15 @@ def _model_sizes(params: BenchParams) -> list[list[int]]:
 
 def plan_cases(params: BenchParams) -> list[BenchCase]:
     """The rows to run, models-major; ``ValueError`` naming the ``bench.*`` key for bad params
-    (unknown profile or model, a view count < 1, a size that is not a multiple of the model's
-    patch, bad dtype/device, a ``paper`` profile on a CPU)."""
-    if params.profile not in ("cpu", "paper"):
-        raise ValueError(f"bench.profile: unknown profile {params.profile!r}; use 'cpu' or 'paper'")
-    if not params.models:
-        raise ValueError("bench.models: empty list")
-    unknown = [m for m in params.models if m not in MODEL_CONFIGS]
-    if unknown:
-        raise ValueError(f"bench.models: unknown model(s) {unknown}; choose from "
-                         f"{sorted(MODEL_CONFIGS)}")
+    (``BenchParams.validate``, then what depends on the models and the machine: a size that is
+    not a multiple of the model's patch, too many views, a missing device, a ``paper`` profile
+    on a CPU)."""
+    params.validate("bench")
     views = PAPER_VIEWS if params.profile == "paper" else list(params.views)
-    if not views or any(v < 1 for v in views):
-        raise ValueError(f"bench.views: view counts must be >= 1, got {views}")
-    for key in ("repeats", "head_chunk_size"):
-        if getattr(params, key) < 1:
-            raise ValueError(f"bench.{key} must be >= 1, got {getattr(params, key)}")
-    if params.warmup < 0 or params.threads < 0:
-        raise ValueError(f"bench.warmup and bench.threads must be >= 0, got "
-                         f"{params.warmup} and {params.threads}")
     try:
-        parse_dtype(params.dtype)
         device = resolve_device(params.device)
     except ValueError as exc:
-        raise ValueError(f"bench: {exc}") from exc
+        raise ValueError(f"bench.device: {exc}") from exc
     if params.profile == "paper" and device.type == "cpu":
         raise ValueError("bench.profile 'paper' (up to 128 views of 392x518) is meant for a "
                          "CUDA device and would take hours on a CPU; use profile 'cpu'")
@@ -239,10 +225,11 @@ def run_case(case: BenchCase, timeout: Optional[float] = None) -> dict:
     return json.loads(rows[0])
 
 
-def run_cases(cases: list[BenchCase], log: Callable[[str], None] = print) -> list[dict]:
+def run_cases(cases: list[BenchCase], log: Callable[[str], None] = print,
+              progress: bool = False) -> list[dict]:
     """Every case (see :func:`plan_cases`), each in its own process, in order."""
     rows = []
-    for case in cases:
+    for case in tqdm(cases, desc="bench", unit="row", disable=not progress):
         begin = time.perf_counter()
         row = run_case(case)
         rows.append(row)
@@ -402,12 +389,12 @@ def plot_report(rows: list[dict], summary: dict, path: str | Path) -> Path:
 
 
 def bench_stage(params: BenchParams, out_json: str | Path, out_plot: str | Path,
-                log: Callable[[str], None] = print) -> dict:
+                log: Callable[[str], None] = print, progress: bool = False) -> dict:
     """Run every row, write ``out_json`` and ``out_plot``, log the table; returns the summary."""
     cases = plan_cases(params)
     log(f"bench: {len(cases)} rows ({params.profile} profile, {params.dtype}, "
         f"{cases[0].device}), one process each")
-    rows = run_cases(cases, log)
+    rows = run_cases(cases, log, progress)
     summary = summarize(rows, params.reference)
     settings = dict(dataclasses.asdict(params), device_resolved=cases[0].device,
                     torch=torch.__version__, cpu_threads=_cpu_threads(params.threads))

@@ -1,21 +1,38 @@
 """Typed parameters: one dataclass per section of ``params.yaml``.
 
-``load_params(path)`` returns a :class:`Params` whose sections are dataclasses. Unknown keys,
-missing required keys and wrongly typed values raise ``ValueError`` naming the section, the key
-and the file, so a typo in ``params.yaml`` (or in ``dvc exp run -S``) never passes silently.
-Each stage reads only the sections it declares in ``dvc.yaml``.
+``load_params(path)`` returns a :class:`Params` whose sections are dataclasses, and validates
+all of it before returning: unknown keys, missing required keys, wrongly typed values, a value
+outside a field's choices (``Literal[...]``: the message lists them) and values out of range all
+raise ``ValueError`` naming the file and the dotted key. Every stage loads the whole file, so a
+typo anywhere (``dvc exp run -S loss.weighting=teachr``) stops the first stage that runs, before
+it does any work. Each section's value checks live in its ``validate()``; code that builds a
+section by hand calls the same method.
+
+The dataclass defaults are the values of the shipped ``params.yaml`` (the CPU demo profile);
+``params-paper.yaml`` is the published GPU setup.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
+
+from distill3r.strict import (check_choices, check_device, flatten, from_dict, require,
+                              to_dict)
+
+__all__ = ["BenchParams", "CacheParams", "DataParams", "DatasetSampling", "DemoParams",
+           "EvalParams", "InferParams", "LossParams", "ModelParams", "Params", "RuntimeParams",
+           "SourceParams", "TeacherParams", "TrainParams", "flatten", "from_dict",
+           "load_params", "to_dict"]
+
+ModelName = Literal["paper", "tiny", "fast3r-large"]  # distill3r.models.configs.MODEL_CONFIGS
+SamplingMode = Literal["random", "stride", "nearby"]
+TeacherName = Literal["groundtruth", "fast3r", "checkpoint"]
+ComputeDtype = Literal["bf16", "fp16", "fp32"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -25,7 +42,7 @@ import yaml
 class DemoParams:
     """The built-in demo dataset: pybullet renders of closed textured rooms with objects."""
 
-    num_scenes: int = 64
+    num_scenes: int = 128
     views_per_scene: int = 12
     height: int = 224
     width: int = 224
@@ -36,16 +53,34 @@ class DemoParams:
     min_object_distance: float = 0.5  # metres; cameras closer to an object are rejected
     orbit_degrees: float = 120.0  # the partial orbit the cameras of one scene span
 
+    def validate(self, where: str = "demo") -> None:
+        require([("num_scenes", self.num_scenes >= 1, "must be >= 1"),
+                  ("views_per_scene", self.views_per_scene >= 1, "must be >= 1"),
+                  ("height", self.height >= 8, "must be >= 8 pixels"),
+                  ("width", self.width >= 8, "must be >= 8 pixels"),
+                  ("workers", self.workers >= 0, "must be >= 0"),
+                  ("objects_min", self.objects_min >= 0, "must be >= 0"),
+                  ("objects_max", self.objects_max >= self.objects_min, "must be >= objects_min"),
+                  ("min_object_distance", self.min_object_distance >= 0, "must be >= 0"),
+                  ("orbit_degrees", 0 <= self.orbit_degrees <= 360, "must be in [0, 360]")],
+                 self, where)
+
 
 @dataclass
 class SourceParams:
-    """One source dataset of the manifest (``kind`` selects the reader class)."""
+    """One source dataset of the manifest (``kind`` selects the reader class; kinds are a
+    registry that code can extend, so the manifest stage checks the name)."""
 
     kind: str = "demo"
     root: str = "data/raw/demo"
     name: Optional[str] = None  # dataset name in the manifest (defaults to kind)
     sample_frac: float = 1.0  # fraction of scenes kept (stable, by hash)
     options: dict[str, Any] = field(default_factory=dict)  # the kind's own options (README)
+
+    def validate(self, where: str = "data.sources[0]") -> None:
+        require([("kind", bool(self.kind), "must name a source kind"),
+                  ("sample_frac", 0.0 < self.sample_frac <= 1.0, "must be in (0, 1]")],
+                 self, where)
 
 
 @dataclass
@@ -58,6 +93,14 @@ class DataParams:
     min_frames: int = 2  # scenes with fewer frames are reported and skipped
     split_salt: str = "distill3r"  # the stable scene hash that decides train/val
 
+    def validate(self, where: str = "data") -> None:
+        require([("val_fraction", 0.0 <= self.val_fraction <= 1.0, "must be in [0, 1]"),
+                  ("resize_max", self.resize_max >= 1, "must be >= 1"),
+                  ("min_frames", self.min_frames >= 1, "must be >= 1"),
+                  ("sources", bool(self.sources), "at least one source is needed")], self, where)
+        for i, source in enumerate(self.sources):
+            source.validate(f"{where}.sources[{i}]")
+
 
 @dataclass
 class DatasetSampling:
@@ -65,7 +108,7 @@ class DatasetSampling:
     keeps the cache-wide value."""
 
     dataset: str  # the manifest's dataset name
-    sampling: Optional[str] = None
+    sampling: Optional[SamplingMode] = None
     frame_stride: Optional[int] = None
     neighbours: Optional[int] = None
     max_samples_per_scene: Optional[int] = None
@@ -78,7 +121,7 @@ class CacheParams:
     image_size: list[int] = field(default_factory=lambda: [112, 112])  # [H, W], multiples of 14
     views_per_sample: int = 4
     max_samples_per_scene: int = 4
-    sampling: str = "random"  # "random" subsets, "stride" (consecutive) or "nearby" (overlap)
+    sampling: SamplingMode = "random"  # random subsets, stride (consecutive), nearby (overlap)
     frame_stride: int = 1
     neighbours: int = 8  # nearby: views come from an anchor's nearest frames (>= views - 1)
     dataset_sampling: list[DatasetSampling] = field(default_factory=list)  # per-dataset
@@ -87,15 +130,58 @@ class CacheParams:
     shard_max_bytes: int = 256_000_000
     conf_max: float = 60000.0  # confidences are clamped to [1, conf_max] (float16-finite)
 
+    def validate(self, where: str = "cache") -> None:
+        check_choices(self, where)
+        size_ok = len(self.image_size) == 2 and min(self.image_size) >= 1
+        require([("image_size", size_ok, "must be [H, W] with H, W >= 1"),
+                  ("views_per_sample", self.views_per_sample >= 1, "must be >= 1"),
+                  ("max_samples_per_scene", self.max_samples_per_scene >= 1, "must be >= 1"),
+                  ("frame_stride", self.frame_stride >= 1, "must be >= 1"),
+                  ("shard_max_samples", self.shard_max_samples >= 1, "must be >= 1"),
+                  ("shard_max_bytes", self.shard_max_bytes >= 1, "must be >= 1"),
+                  ("conf_max", 1.0 < self.conf_max <= 65504.0,
+                   "must be in (1, 65504] (finite in float16)")], self, where)
+        if self.sampling == "nearby":
+            self._check_neighbours(self.neighbours, f"{where}.neighbours")
+        seen: dict[str, int] = {}
+        for i, entry in enumerate(self.dataset_sampling):
+            self._check_override(entry, f"{where}.dataset_sampling[{i}]", seen, i)
+
+    def _check_neighbours(self, neighbours: int, key: str, note: str = "") -> None:
+        if neighbours < self.views_per_sample - 1:
+            raise ValueError(f"{key}: must be >= views_per_sample - 1 = "
+                             f"{self.views_per_sample - 1} for nearby sampling{note}, "
+                             f"got {neighbours}")
+
+    def _check_override(self, entry: DatasetSampling, where: str, seen: dict[str, int],
+                        i: int) -> None:
+        check_choices(entry, where)
+        if not entry.dataset:
+            raise ValueError(f"{where}.dataset: must name a dataset, got {entry.dataset!r}")
+        if entry.dataset in seen:
+            raise ValueError(f"{where}.dataset: {entry.dataset!r} already has an override "
+                             f"(cache.dataset_sampling[{seen[entry.dataset]}])")
+        seen[entry.dataset] = i
+        for key in ("frame_stride", "max_samples_per_scene"):
+            value = getattr(entry, key)
+            if value is not None and value < 1:
+                raise ValueError(f"{where}.{key}: must be >= 1, got {value}")
+        if (entry.sampling or self.sampling) == "nearby":
+            if entry.neighbours is not None:
+                self._check_neighbours(entry.neighbours, f"{where}.neighbours")
+            else:
+                self._check_neighbours(self.neighbours, "cache.neighbours",
+                                       f" (inherited by {where})")
+
 
 @dataclass
 class TeacherParams:
     """Which teacher fills the cache and how it runs."""
 
-    name: str = "groundtruth"  # "groundtruth" | "fast3r"
+    name: TeacherName = "groundtruth"
     checkpoint: str = "jedyang97/Fast3R_ViT_Large_512"  # HF id or local folder (fast3r)
     device: str = "auto"
-    dtype: str = "bf16"  # "fp32" | "bf16" (fast3r)
+    dtype: Literal["bf16", "fp32"] = "bf16"  # fast3r
     image_size: int = 512  # fast3r input long side
     conf_threshold: float = 1.5  # mask = conf > threshold (confidence is always >= 1)
     seed: int = 0
@@ -103,59 +189,100 @@ class TeacherParams:
     edge_confidence: float = 2.0  # groundtruth: confidence at depth edges
     max_confidence: float = 20.0  # groundtruth: confidence of clean pixels
 
+    def validate(self, where: str = "teacher") -> None:
+        check_choices(self, where)
+        check_device(self.device, f"{where}.device")
+        require([("image_size", self.image_size >= 16 and self.image_size % 16 == 0,
+                   "must be a positive multiple of 16"),
+                  ("edge_threshold", self.edge_threshold > 0, "must be > 0"),
+                  ("edge_confidence", self.edge_confidence >= 1, "must be >= 1"),
+                  ("max_confidence", self.max_confidence >= 1, "must be >= 1")], self, where)
+
 
 @dataclass
 class ModelParams:
     """The student: a named configuration plus run-time options."""
 
-    name: str = "tiny"  # "paper" | "tiny" | "fast3r-large"
+    name: ModelName = "tiny"
     encoder_weights: Optional[str] = None  # DUNE checkpoint path, or null for random init
     head_chunk_size: int = 8  # views per DPT-head chunk (bounds memory at many views)
+
+    def validate(self, where: str = "model") -> None:
+        check_choices(self, where)
+        require([("head_chunk_size", self.head_chunk_size >= 1, "must be >= 1")], self, where)
 
 
 @dataclass
 class LossParams:
-    """Confidence-aware distillation loss (REFERENCE section 2)."""
+    """Confidence-aware distillation loss: ``alpha_global * L_global + alpha_local * L_local +
+    gamma_conf * L_conf``; per-pixel weights from the teacher's confidence (``weighting``)."""
 
     alpha_global: float = 2.0
     alpha_local: float = 1.0
     gamma_conf: float = 0.001
-    weighting: str = "teacher"  # "teacher" | "none" | "student"
+    weighting: Literal["teacher", "none", "student"] = "teacher"
     conf_scale: float = 10.0
     w_min: float = 0.1
+
+    def validate(self, where: str = "loss") -> None:
+        check_choices(self, where)
+        require([("alpha_global", self.alpha_global >= 0, "must be >= 0"),
+                  ("alpha_local", self.alpha_local >= 0, "must be >= 0"),
+                  ("gamma_conf", self.gamma_conf >= 0, "must be >= 0"),
+                  ("conf_scale", self.conf_scale > 0, "must be > 0"),
+                  ("w_min", 0.0 <= self.w_min <= 1.0, "must be in [0, 1]")], self, where)
 
 
 @dataclass
 class TrainParams:
     """Lightning training."""
 
-    accelerator: str = "auto"
-    devices: Union[int, str] = "auto"
-    strategy: str = "auto"
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    devices: Union[int, str] = "auto"  # a count, "auto", or Lightning's "0,1" device list
+    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp",
+                      "deepspeed"] = "auto"
     num_nodes: int = 1
-    precision: str = "bf16-mixed"
+    precision: Literal["bf16-mixed", "bf16-true", "16-mixed", "16-true", "32-true",
+                       "64-true"] = "bf16-mixed"
     batch_size: int = 4
     accumulate_grad_batches: int = 1
-    max_steps: int = 1000
-    lr: float = 1e-4
+    max_steps: int = 1200
+    lr: float = 5e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.01
-    warmup_steps: int = 100
-    min_lr: float = 5e-5
+    warmup_steps: int = 50
+    min_lr: float = 2e-5
     grad_clip: float = 1.0
     seed: int = 0
-    num_workers: int = 2
-    threads: Optional[int] = None  # torch threads per process; null: torch's default, or
-    # cores / processes per node under CPU DDP (oversubscribed OpenMP threads spin and crawl)
+    num_workers: int = 0
     views: Optional[int] = None  # views per training sample (random subset); null: all cached
     shuffle_view0: bool = False
     color_jitter: float = 0.1
-    val_every_steps: int = 100
-    checkpoint_every_steps: int = 100
+    val_every_steps: int = 200
+    checkpoint_every_steps: int = 200
     log_every_steps: int = 10
     tracking_uri: Optional[str] = None  # null: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
     experiment: str = "distill3r"
     system_metrics: bool = True
+
+    def validate(self, where: str = "train") -> None:
+        check_choices(self, where)
+        positive = ("batch_size", "accumulate_grad_batches", "max_steps", "val_every_steps",
+                    "checkpoint_every_steps", "log_every_steps", "num_nodes")
+        require([(k, getattr(self, k) >= 1, "must be >= 1") for k in positive]
+                 + [(k, getattr(self, k) >= 0, "must be >= 0")
+                    for k in ("warmup_steps", "grad_clip", "color_jitter", "num_workers",
+                              "weight_decay")]
+                 + [("lr", self.lr > 0, "must be > 0"),
+                    ("min_lr", 0 <= self.min_lr <= self.lr, "must be in [0, lr]"),
+                    ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                     "must be two numbers in [0, 1)"),
+                    ("views", self.views is None or self.views >= 1, "must be >= 1 or null")],
+                 self, where)
+        devices_ok = (self.devices >= 1 or self.devices == -1 if isinstance(self.devices, int)
+                      else re.fullmatch(r"auto|-1|\d+(,\d+)*,?", self.devices) is not None)
+        require([("devices", devices_ok, "must be a count >= 1, -1, 'auto' or a list like "
+                   "'0,1'")], self, where)
 
 
 @dataclass
@@ -170,8 +297,21 @@ class EvalParams:
     conf_percentile: float = 10.0  # pixels the poses come from (as infer.conf_percentile)
     seed: int = 0
     max_points: int = 20000  # points per sample for the KD-tree metrics (deterministic subset)
-    dtype: str = "bf16"  # autocast dtype where the device supports it ("fp32" disables)
+    dtype: ComputeDtype = "bf16"  # autocast dtype where the device supports it (fp32: off)
     layout_prior_max_samples: Optional[int] = None  # train samples fitting the layout prior
+
+    def validate(self, where: str = "eval") -> None:
+        check_choices(self, where)
+        check_device(self.device, f"{where}.device")
+        require([("batch_size", self.batch_size >= 1, "must be >= 1"),
+                  ("max_samples", self.max_samples is None or self.max_samples >= 1,
+                   "must be >= 1 or null"),
+                  ("conf_top_fraction", 0 < self.conf_top_fraction <= 1, "must be in (0, 1]"),
+                  ("pnp_reprojection_px", self.pnp_reprojection_px > 0, "must be > 0"),
+                  ("conf_percentile", 0 <= self.conf_percentile <= 100, "must be in [0, 100]"),
+                  ("max_points", self.max_points >= 1, "must be >= 1"),
+                  ("layout_prior_max_samples", self.layout_prior_max_samples is None
+                   or self.layout_prior_max_samples >= 1, "must be >= 1 or null")], self, where)
 
 
 @dataclass
@@ -182,30 +322,69 @@ class InferParams:
     conf_percentile: float = 10.0  # keep points whose local confidence is at/above it
     device: str = "auto"
     max_points: int = 2_000_000  # cap on exported points (deterministic subset)
-    dtype: str = "bf16"  # autocast dtype where the device supports it ("fp32" disables)
+    dtype: ComputeDtype = "bf16"  # autocast dtype where the device supports it (fp32: off)
     pnp_reprojection_px: float = 5.0  # camera estimation (PnP-RANSAC inlier threshold)
     preview_views: int = 6  # views shown in the preview PNG
     seed: int = 0
+
+    def validate(self, where: str = "infer") -> None:
+        check_choices(self, where)
+        check_device(self.device, f"{where}.device")
+        require([("size", self.size >= 1, "must be >= 1"),
+                  ("conf_percentile", 0 <= self.conf_percentile <= 100, "must be in [0, 100]"),
+                  ("max_points", self.max_points >= 1, "must be >= 1"),
+                  ("pnp_reprojection_px", self.pnp_reprojection_px > 0, "must be > 0"),
+                  ("preview_views", self.preview_views >= 0, "must be >= 0")], self, where)
 
 
 @dataclass
 class BenchParams:
     """Efficiency benchmark: time and memory versus number of views."""
 
-    profile: str = "cpu"  # "cpu": the fields below; "paper": the published table's shapes (GPU)
-    models: list[str] = field(default_factory=lambda: ["paper", "fast3r-large"])
+    profile: Literal["cpu", "paper"] = "cpu"  # paper: the published table's shapes (GPU)
+    models: list[ModelName] = field(default_factory=lambda: ["paper", "fast3r-large"])
     views: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
     image_size: list[int] = field(default_factory=lambda: [224, 224])  # [H, W]
     model_image_sizes: Optional[list[list[int]]] = None  # one [H, W] per model (overrides)
-    reference: str = "fast3r-large"  # speed-up, compute and memory ratios are taken against it
-    dtype: str = "bf16"  # autocast dtype; weights are also built directly in it (not fp32)
+    reference: ModelName = "fast3r-large"  # speed-up, compute and memory ratios against it
+    dtype: ComputeDtype = "bf16"  # autocast dtype; weights are also built directly in it
     repeats: int = 3
     warmup: int = 1
     device: str = "auto"
-    threads: int = 0  # CPU threads per row (0: every core this process may use)
-    head_chunk_size: int = 4  # views per DPT-head chunk, the same for every model
+    threads: int = 1  # CPU threads per row (0: every core this process may use)
+    head_chunk_size: int = 2  # views per DPT-head chunk, the same for every model
     channels_last: bool = True  # conv weights (and so DPT activations) in channels-last layout
     seed: int = 0
+
+    def validate(self, where: str = "bench") -> None:
+        check_choices(self, where)
+        check_device(self.device, f"{where}.device")
+        sizes = [self.image_size] + list(self.model_image_sizes or [])
+        require([("models", bool(self.models), "must list at least one model"),
+                  ("views", bool(self.views) and min(self.views) >= 1,
+                   "must list view counts >= 1"),
+                  ("image_size", all(len(s) == 2 and min(s) >= 1 for s in sizes),
+                   "sizes must be [H, W] with H, W >= 1"),
+                  ("model_image_sizes", self.model_image_sizes is None
+                   or len(self.model_image_sizes) == len(self.models),
+                   f"needs one [H, W] per model ({len(self.models)}) or null"),
+                  ("repeats", self.repeats >= 1, "must be >= 1"),
+                  ("head_chunk_size", self.head_chunk_size >= 1, "must be >= 1"),
+                  ("warmup", self.warmup >= 0, "must be >= 0"),
+                  ("threads", self.threads >= 0, "must be >= 0")], self, where)
+
+
+@dataclass
+class RuntimeParams:
+    """How every stage uses the CPU (see :mod:`distill3r.runtime`)."""
+
+    threads: Optional[int] = None  # torch threads per process; null: the idle cores
+    omp_wait_policy: Literal["passive", "active"] = "passive"  # idle OpenMP threads sleep
+
+    def validate(self, where: str = "runtime") -> None:
+        check_choices(self, where)
+        require([("threads", self.threads is None or self.threads >= 1,
+                   "must be >= 1 or null")], self, where)
 
 
 @dataclass
@@ -249,110 +428,16 @@ class Params:
     infer: InferParams = field(default_factory=InferParams)
     bench: BenchParams = field(default_factory=BenchParams)
     benchmark: BenchmarkParams = field(default_factory=BenchmarkParams)
+    runtime: RuntimeParams = field(default_factory=RuntimeParams)
 
-
-# ----------------------------------------------------------------------------------------------
-# Strict loading
-# ----------------------------------------------------------------------------------------------
-def _type_name(tp: Any) -> str:
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in (Union, types.UnionType):
-        names = [_type_name(a) for a in args if a is not type(None)]
-        return " or ".join(names) + (" or null" if type(None) in args else "")
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` (building nested dataclasses)."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ValueError as exc:
-                errors.append(str(exc))
-        raise ValueError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
-        return from_dict(tp, value, where)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp) or (Any,)
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if tp is Any:
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: expected a string, got {value!r}")
-        return value
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    return value
-
-
-def from_dict(cls: type, values: dict[str, Any] | None, where: str | None = None) -> Any:
-    """Build dataclass ``cls`` from ``values``; reject unknown keys and wrong types."""
-    where = where or cls.__name__
-    values = values or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{where}: expected a mapping, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}"
-        )
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in values:
-            kwargs[f.name] = _coerce(values[f.name], hints[f.name], f"{where}.{f.name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ValueError(f"{where}: missing required key {f.name}")
-    return cls(**kwargs)
-
-
-def to_dict(obj: Any) -> Any:
-    """A dataclass (or nested structure of them) as plain dicts and lists."""
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values): for MLflow params."""
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
+    def validate(self) -> None:
+        """Every section's ``validate()``; errors name ``<section>.<key>``."""
+        for name in self.__dataclass_fields__:
+            getattr(self, name).validate(name)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Load and validate ``params.yaml``; every error names the file."""
+    """Load and fully validate a params file; every error names the file and the key."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: params file not found")
@@ -361,6 +446,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML: {exc}") from exc
     try:
-        return from_dict(Params, raw, "params")
+        params = from_dict(Params, raw, "params")
+        params.validate()
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from exc
+    return params

@@ -25,11 +25,18 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def bf16_supported(device: torch.device) -> bool:
-    """Whether bf16 compute is worth using on ``device`` (CUDA with bf16, or any CPU: AMX/AVX512
-    machines run bf16 matmuls natively and others still emulate it correctly)."""
+    """The one bf16 policy: bf16 is used where it runs natively on ``device`` (CUDA with bf16,
+    or a CPU with AVX512-BF16/AMX through oneDNN); elsewhere emulated bf16 is slower than fp32
+    and the stages fall back to fp32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type == "cpu"
+    if device.type == "cpu":
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        try:
+            return bool(check()) if check is not None else False
+        except RuntimeError:
+            return False
+    return False
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -42,8 +49,16 @@ def parse_dtype(name: str) -> torch.dtype:
     return table[name]
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """:func:`parse_dtype`, with bf16 replaced by fp32 where :func:`bf16_supported` says no."""
+    dtype = parse_dtype(name)
+    if dtype == torch.bfloat16 and not bf16_supported(device):
+        return torch.float32
+    return dtype
+
+
 def autocast(device: torch.device, dtype: torch.dtype):
-    """Autocast context for ``dtype`` on ``device``; a no-op for fp32 or unsupported bf16."""
-    if dtype == torch.float32 or (dtype == torch.bfloat16 and not bf16_supported(device)):
+    """Autocast context for ``dtype`` on ``device``; a no-op for fp32."""
+    if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)

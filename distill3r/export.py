@@ -17,7 +17,7 @@ import numpy as np
 
 from distill3r.atomic import replacing
 from distill3r.data.io import write_image
-from distill3r.geometry import invert_pose, project, transform_points
+from distill3r.geometry import invert_pose, look_at, project, transform_points
 
 _PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2",
               "int16": "i2", "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4",
@@ -112,21 +112,6 @@ def read_ply(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     if {"red", "green", "blue"} <= set(names):
         colors = np.stack([data["red"], data["green"], data["blue"]], axis=1).astype(np.uint8)
     return points, colors
-
-
-def look_at(centre: np.ndarray, target: np.ndarray, down: np.ndarray = np.array([0.0, 1.0, 0.0])
-            ) -> np.ndarray:
-    """OpenCV camera-to-world 4x4 at ``centre`` looking at ``target`` (image y along ``down``)."""
-    z = np.asarray(target, np.float64) - np.asarray(centre, np.float64)
-    z = z / np.linalg.norm(z) if np.linalg.norm(z) > 1e-12 else np.array([0.0, 0.0, 1.0])
-    x = np.cross(down, z)
-    if np.linalg.norm(x) < 1e-9:  # looking straight along ``down``
-        x = np.array([1.0, 0.0, 0.0])
-    x /= np.linalg.norm(x)
-    c2w = np.eye(4)
-    c2w[:3, :3] = np.stack([x, np.cross(z, x), z], axis=1)
-    c2w[:3, 3] = centre
-    return c2w
 
 
 def preview_camera(points: np.ndarray, back: float = 0.6, up: float = 0.35) -> np.ndarray:

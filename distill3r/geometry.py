@@ -1,13 +1,16 @@
 """Pure geometry on numpy arrays (float64 where precision matters).
 
-Conventions (see DESIGN.md): OpenCV cameras (x right, y down, z forward); poses are
-camera-to-world 4x4 ``c2w``; intrinsics ``K`` 3x3 in pixels, pixel centres at integer
-coordinates; point maps are views-first ``[N,H,W,3]``.
+Conventions: OpenCV cameras (x right, y down, z forward); poses are camera-to-world 4x4
+``c2w``; intrinsics ``K`` 3x3 in pixels, pixel centres at integer coordinates; point maps are
+views-first ``[N,H,W,3]``.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])  # OpenGL camera axes (y up, z back) <-> OpenCV
+
 
 
 def pixel_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,3 +109,22 @@ def similarity_matrix(s: float, R: np.ndarray, t: np.ndarray) -> np.ndarray:
     T[:3, :3] = s * np.asarray(R)
     T[:3, 3] = t
     return T
+
+
+def look_at(eye: np.ndarray, target: np.ndarray, down=(0.0, 1.0, 0.0), roll: float = 0.0
+            ) -> np.ndarray:
+    """OpenCV c2w ``[4,4]`` at ``eye`` looking at ``target``, image y as close to the world
+    direction ``down`` as the view allows, then rolled by ``roll`` radians about the view axis.
+    A ``target`` at ``eye`` looks along world z; a view along ``down`` takes x = world x."""
+    z = np.asarray(target, np.float64) - np.asarray(eye, np.float64)
+    z = z / np.linalg.norm(z) if np.linalg.norm(z) > 1e-12 else np.array([0.0, 0.0, 1.0])
+    x = np.cross(np.asarray(down, np.float64), z)
+    if np.linalg.norm(x) < 1e-9:
+        x = np.array([1.0, 0.0, 0.0])
+    x /= np.linalg.norm(x)
+    y = np.cross(z, x)
+    c, s = np.cos(roll), np.sin(roll)
+    x, y = c * x + s * y, -s * x + c * y
+    c2w = np.eye(4)
+    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = x, y, z, eye
+    return c2w

@@ -36,7 +36,7 @@ from distill3r.config import InferParams
 from distill3r.data.io import (IMAGE_SUBFOLDERS, IMAGE_SUFFIXES, is_image_file, natural_key,
                                read_image, scene_images)
 from distill3r.data.view import fit_size, resize_crop
-from distill3r.devices import autocast, bf16_supported, parse_dtype, resolve_device
+from distill3r.devices import autocast, resolve_device, resolve_dtype
 from distill3r.evaluation.metrics import subsample_indices
 from distill3r.evaluation.poses import confident_pixels, estimate_cameras
 from distill3r.models.checkpoint import checkpoint_fingerprint
@@ -171,9 +171,7 @@ def reconstruct_scene(model: torch.nn.Module, scene: Scene, output_dir: str | Pa
     patch = int(getattr(model, "patch_size", 14))
     images, sizes = load_views(scene.images, params.size, patch)
     t1 = time.perf_counter()
-    dtype = parse_dtype(params.dtype)
-    if dtype == torch.bfloat16 and not bf16_supported(device):
-        dtype = torch.float32
+    dtype = resolve_dtype(params.dtype, device)
     pred = predict(model, images, device, dtype)
     t2 = time.perf_counter()
     keep, threshold = confident_pixels(pred["xyz_global"], pred["conf_local"],

@@ -1,4 +1,4 @@
-"""Confidence-aware distillation loss (REFERENCE section 2, with its defects fixed).
+"""Confidence-aware distillation loss (the published recipe, with its defects fixed).
 
 ``L = alpha_global * L_global + alpha_local * L_local + gamma_conf * L_conf``
 
@@ -30,17 +30,11 @@ import torch
 from torch import nn
 
 from distill3r.config import LossParams
+from distill3r.models.activations import point_norm
 
-_EPS = 1e-12
 _MIN_SCALE = 1e-6
 _FMAX = torch.finfo(torch.float32).max
-_WEIGHTINGS = ("teacher", "none", "student")
 _KEYS_PRED = ("xyz_global", "xyz_local", "conf_global", "conf_local")
-
-
-def _norm(p: torch.Tensor) -> torch.Tensor:
-    """``[..., 3] -> [...]`` Euclidean norm, safe gradient at 0 (no ``linalg.vector_norm``)."""
-    return (p * p).sum(-1).clamp_min(_EPS).sqrt()
 
 
 def _masked_view_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -59,8 +53,8 @@ def _geometric(pred: torch.Tensor, targ: torch.Tensor, valid: torch.Tensor,
     dims = (1, 2, 3) if per_sample else (2, 3)
     v = valid.to(pred.dtype)
     count = v.sum(dim=dims, keepdim=True).clamp_min(1)
-    s_pred = ((_norm(pred) * v).sum(dim=dims, keepdim=True) / count).clamp_min(_MIN_SCALE)
-    s_targ = ((_norm(targ) * v).sum(dim=dims, keepdim=True) / count).clamp_min(_MIN_SCALE)
+    s_pred = ((point_norm(pred).squeeze(-1) * v).sum(dim=dims, keepdim=True) / count).clamp_min(_MIN_SCALE)
+    s_targ = ((point_norm(targ).squeeze(-1) * v).sum(dim=dims, keepdim=True) / count).clamp_min(_MIN_SCALE)
     diff = pred / s_pred[..., None] - targ / s_targ[..., None]
     return _masked_view_mean(weight * (diff * diff).sum(-1), valid)
 
@@ -76,13 +70,7 @@ class DistillationLoss(nn.Module):
 
     def __init__(self, params: LossParams) -> None:
         super().__init__()
-        if params.weighting not in _WEIGHTINGS:
-            raise ValueError(f"loss.weighting: unknown {params.weighting!r}; "
-                             f"choose from {_WEIGHTINGS}")
-        if params.conf_scale <= 0:
-            raise ValueError(f"loss.conf_scale must be > 0, got {params.conf_scale}")
-        if not 0.0 <= params.w_min <= 1.0:
-            raise ValueError(f"loss.w_min must be in [0, 1], got {params.w_min}")
+        params.validate("loss")
         self.params = params
 
     def _weight(self, teacher_conf: torch.Tensor, student_conf: torch.Tensor) -> torch.Tensor:

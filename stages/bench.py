@@ -9,21 +9,23 @@ process (see :mod:`distill3r.bench`).
 
 from __future__ import annotations
 
-import argparse
+import sys
 
-from distill3r.bench import bench_stage
-from distill3r.config import load_params
+from distill3r.cli import run_stage, stage_parser
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file (bench section)")
+def _bench(args, params) -> None:
+    from distill3r.bench import bench_stage
+
+    bench_stage(params.bench, args.out, args.plot, progress=not args.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser(__doc__)
     parser.add_argument("--out", default="reports/bench.json", help="metrics JSON to write")
     parser.add_argument("--plot", default="reports/bench.png", help="figure to write")
-    args = parser.parse_args()
-    params = load_params(args.params)
-    bench_stage(params.bench, args.out, args.plot)
+    return run_stage("bench", parser, _bench, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

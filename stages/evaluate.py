@@ -2,7 +2,7 @@
 
     python stages/evaluate.py --params params.yaml --checkpoint models/student \
         --cache data/cache --out reports/eval.json [--run-ref reports/mlflow_run.json] \
-        [--max-samples N]
+        [--max-samples N] [--no-progress]
 
 Reads ``<cache>/val`` (scored) and ``<cache>/train`` (ground-truth depth for the layout-prior
 baseline) and the ``eval`` section (``model.name`` is checked against the checkpoint). Writes
@@ -13,64 +13,57 @@ exists the metrics are also logged to that MLflow run as ``eval.<block>.<metric>
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import sys
-
 from pathlib import Path
 
-from distill3r.config import load_params
-from distill3r.evaluation.runner import format_table, run_evaluation
-from distill3r.jsonio import read_json, write_json
-from distill3r.reports import headline_metrics
-from distill3r.tracking import log_report, read_run_ref
+from distill3r.cli import run_stage, stage_parser
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--params", default="params.yaml", help="params file (default params.yaml)")
-    p.add_argument("--checkpoint", required=True, help="student folder (model.safetensors + "
-                   "config.json), e.g. models/student")
-    p.add_argument("--cache", required=True, help="cache folder holding train/ and val/ shards")
-    p.add_argument("--out", required=True, help="metrics JSON to write, e.g. reports/eval.json")
-    p.add_argument("--run-ref", help="MLflow run reference of the train stage (used if present)")
-    p.add_argument("--max-samples", type=int, help="override eval.max_samples")
-    p.add_argument("--train-metrics", help="the train stage's metrics JSON (for --headline)")
-    p.add_argument("--headline", help="write the headline metrics JSON (DVC metrics) here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+def _evaluate(args, params) -> None:
+    from distill3r.evaluation.runner import format_table, run_evaluation
+    from distill3r.jsonio import read_json, write_json
+    from distill3r.reports import headline_metrics
+    from distill3r.tracking import log_report, read_run_ref
 
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = parse_args(argv)
-    try:
-        params = load_params(args.params)
-        if args.max_samples is not None:
-            params.eval = dataclasses.replace(params.eval, max_samples=args.max_samples)
-        ref = None
-        if args.run_ref and Path(args.run_ref).is_file():
-            ref = read_run_ref(args.run_ref)
-        elif args.run_ref:
-            logging.info("%s not found: metrics are not logged to MLflow", args.run_ref)
-        train_report = None
-        if args.train_metrics and Path(args.train_metrics).is_file():
-            train_report = read_json(args.train_metrics)
-        result = run_evaluation(params, args.checkpoint, args.cache, args.out,
-                                progress=not args.no_progress)
-        if args.headline:
-            write_json(args.headline, headline_metrics(result.report, train_report))
-    except ValueError as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
-        return 1
+    if args.max_samples is not None:
+        params.eval = dataclasses.replace(params.eval, max_samples=args.max_samples)
+        params.eval.validate("eval")
+    ref = None
+    if args.run_ref and Path(args.run_ref).is_file():
+        ref = read_run_ref(args.run_ref)
+    elif args.run_ref:
+        logging.info("%s not found: metrics are not logged to MLflow", args.run_ref)
+    train_report = None
+    if args.train_metrics and Path(args.train_metrics).is_file():
+        train_report = read_json(args.train_metrics, "train metrics")
+    result = run_evaluation(params, args.checkpoint, args.cache, args.out,
+                            progress=not args.no_progress)
+    if args.headline:
+        write_json(args.headline, headline_metrics(result.report, train_report))
     report = result.report
     print(format_table(report))
     logged = log_report(report, ref) if ref is not None else None
     run = f", MLflow run {logged}" if logged else ""
     print(f"evaluate: {report['num_samples']} sample(s) ({report['num_samples_gt']} with ground "
           f"truth), {report['seconds_per_sample']:.3f} s/sample -> {result.out_path}{run}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--checkpoint", required=True, help="student folder (model.safetensors "
+                        "+ config.json), e.g. models/student")
+    parser.add_argument("--cache", required=True,
+                        help="cache folder holding train/ and val/ shards")
+    parser.add_argument("--out", required=True, help="the detailed report to write, e.g. "
+                        "reports/eval.json")
+    parser.add_argument("--run-ref", help="MLflow run reference of the train stage (used if "
+                        "present)")
+    parser.add_argument("--max-samples", type=int, help="override eval.max_samples")
+    parser.add_argument("--train-metrics", help="the train stage's metrics JSON (for --headline)")
+    parser.add_argument("--headline", help="write the headline metrics JSON (DVC metrics) here")
+    return run_stage("evaluate", parser, _evaluate, argv)
 
 
 if __name__ == "__main__":

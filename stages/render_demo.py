@@ -1,28 +1,27 @@
 """Stage render_demo: render the built-in demo scenes (params ``demo``) into a raw folder.
 
-    python stages/render_demo.py --params params.yaml --out data/raw/demo
+    python stages/render_demo.py --params params.yaml --out data/raw/demo [--no-progress]
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
+import sys
 
-from distill3r.config import load_params
-from distill3r.data.demo import render_demo
+from distill3r.cli import run_stage, stage_parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml", help="params file (section demo)")
-    parser.add_argument("--out", required=True, help="output folder of the raw demo scenes")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    params = load_params(args.params).demo
-    names = render_demo(args.out, params, progress=not args.no_progress)
+def _render(args, params) -> None:
+    from distill3r.data.demo import render_demo
+
+    names = render_demo(args.out, params.demo, progress=not args.no_progress)
     print(f"{len(names)} demo scenes in {args.out}")
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--out", required=True, help="output folder of the raw demo scenes")
+    return run_stage("render_demo", parser, _render, argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

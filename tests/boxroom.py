@@ -13,6 +13,7 @@ import numpy as np
 
 from distill3r.data.io import write_depth_png, write_image
 from distill3r.data.manifest import FrameRecord, write_manifest
+from distill3r.geometry import look_at
 
 
 def random_scene(rng: np.random.Generator) -> dict:
@@ -20,18 +21,6 @@ def random_scene(rng: np.random.Generator) -> dict:
     centre = np.array([rng.uniform(-0.3, 0.3), rng.uniform(0.2, 0.6), rng.uniform(-0.3, 0.3)])
     return {"room_lo": np.array([-2.0, -1.2, -2.0]), "room_hi": np.array([2.0, 1.2, 2.0]),
             "cube_lo": centre - half, "cube_hi": centre + half, "hue": rng.uniform(0, 1, 3)}
-
-
-def look_at(centre: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """OpenCV camera-to-world pose at ``centre`` looking at ``target`` (image y ~ world +y)."""
-    z = target - centre
-    z = z / np.linalg.norm(z)
-    x = np.cross([0.0, 1.0, 0.0], z)
-    x = x / np.linalg.norm(x)
-    c2w = np.eye(4)
-    c2w[:3, :3] = np.stack([x, np.cross(z, x), z], axis=1)
-    c2w[:3, 3] = centre
-    return c2w
 
 
 def camera(rng: np.random.Generator, scene: dict, i: int, frames: int, H: int, W: int):

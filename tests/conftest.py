@@ -17,7 +17,7 @@ def one_torch_thread():
 
 @pytest.fixture
 def restore_torch_threads():
-    """Restore the torch thread count after a test that trains in-process (``train.threads``)."""
+    """Restore the torch thread count after a test that trains in-process (``runtime.threads``)."""
     import torch
 
     previous = torch.get_num_threads()

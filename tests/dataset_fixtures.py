@@ -28,7 +28,6 @@ from distill3r.geometry import depth_to_camera_points, invert_pose, transform_po
 from distill3r.teachers.groundtruth import GroundTruthTeacher
 
 TOLERANCE = 1e-3  # median relative point error a correct reader stays below
-GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])
 
 
 @dataclass

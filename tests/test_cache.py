@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from boxroom import make_box_room_manifest
+from sampling_helpers import sample_views
 
 from distill3r.cache.reader import read_index, read_split
 from distill3r.cache.rle import rle_decode
@@ -20,7 +21,8 @@ from distill3r.cache.schema import sample_nbytes_bound
 from distill3r.cache.writer import build_cache, load_sample, plan_cache
 from distill3r.config import CacheParams, Params
 from distill3r.data.manifest import FrameRecord, group_scenes, read_manifest
-from distill3r.data.sampling import sample_key, sample_views, stable_seed
+from distill3r.data.sampling import sample_key
+from distill3r.seeding import stable_seed
 from distill3r.teachers import get_teacher
 
 REPO = Path(__file__).resolve().parents[1]

@@ -65,3 +65,75 @@ def test_optional_and_mapping_types_are_named():
                                                            "frame_stride": "4"}]}})
     with pytest.raises(ValueError, match=r"sources\[0\]\.options: expected a mapping"):
         from_dict(Params, {"data": {"sources": [{"kind": "images", "options": [1]}]}})
+
+
+def test_dataclass_defaults_are_the_shipped_params():
+    """One source of defaults: ``Params()`` is exactly ``params.yaml``."""
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert to_dict(Params()) == shipped
+    Params().validate()
+
+
+PAPER_KEYS = {
+    "cache.image_size", "cache.views_per_sample", "cache.max_samples_per_scene",
+    "cache.sampling", "teacher.name", "model.name", "model.encoder_weights",
+    "train.accelerator", "train.devices", "train.strategy", "train.accumulate_grad_batches",
+    "train.max_steps", "train.lr", "train.warmup_steps", "train.min_lr", "train.num_workers",
+    "train.val_every_steps", "train.checkpoint_every_steps", "infer.size", "bench.profile",
+    "bench.device", "bench.threads", "bench.head_chunk_size",
+}
+
+
+def test_paper_params_load_and_differ_only_in_the_published_setup():
+    paper = flatten(to_dict(load_params(ROOT / "params-paper.yaml")))
+    demo = flatten(to_dict(load_params(ROOT / "params.yaml")))
+    assert paper.keys() == demo.keys()
+    assert {k for k in paper if paper[k] != demo[k]} == PAPER_KEYS
+    assert paper["model.name"] == "paper" and paper["teacher.name"] == "fast3r"
+
+
+def test_choice_error_names_key_value_and_choices(tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["loss"]["weighting"] = "teachr"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError) as err:
+        load_params(path)
+    assert str(err.value) == (f"{path}: params.loss.weighting: 'teachr' is not one of "
+                              "'teacher', 'none', 'student'")
+
+
+@pytest.mark.parametrize("section, key, value, match", [
+    ("train", "precision", "bf16", r"params\.train\.precision: 'bf16' is not one of 'bf16-mixed'"),
+    ("cache", "sampling", "every", r"params\.cache\.sampling: 'every' is not one of"),
+    ("teacher", "dtype", "fp16", r"params\.teacher\.dtype: 'fp16' is not one of 'bf16', 'fp32'"),
+    ("bench", "models", ["paper", "nope"], r"params\.bench\.models\[1\]: 'nope' is not one of"),
+    ("train", "lr", -1.0, r"train\.lr=-1\.0: must be > 0"),
+    ("train", "min_lr", 0.1, r"train\.min_lr=0\.1: must be in \[0, lr\]"),
+    ("eval", "device", "gpu0", r"eval\.device: 'gpu0' is not a device"),
+    ("runtime", "threads", 0, r"runtime\.threads=0: must be >= 1 or null"),
+    ("demo", "num_scenes", 0, r"demo\.num_scenes=0: must be >= 1"),
+])
+def test_every_section_is_validated_at_load(tmp_path, section, key, value, match):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw[section][key] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match=match):
+        load_params(path)
+
+
+def test_validate_applies_choices_to_sections_built_in_code():
+    from distill3r.config import LossParams
+
+    with pytest.raises(ValueError, match=r"^loss\.weighting: 'teachr' is not one of"):
+        LossParams(weighting="teachr").validate()  # type: ignore[arg-type]
+
+
+def test_model_names_are_the_registry():
+    import typing
+
+    from distill3r.config import ModelName
+    from distill3r.models import MODEL_CONFIGS
+
+    assert set(typing.get_args(ModelName)) == set(MODEL_CONFIGS)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from distill3r.config import DemoParams
-from distill3r.data.demo import FAR, NEAR, _Renderer, intrinsics, render_demo, validate_params
+from distill3r.data.demo import FAR, NEAR, _Renderer, intrinsics, render_demo
 from distill3r.data.demo_scene import SceneObject, aabb_distance, sample_cameras, sample_layout
 from distill3r.data.textures import make_texture
 from distill3r.data.io import read_depth, read_image
@@ -208,7 +208,7 @@ def test_bad_params_name_the_key():
     for key, value in [("num_scenes", 0), ("objects_max", 1), ("orbit_degrees", 400.0)]:
         params = replace(PARAMS, objects_min=2, **{key: value})
         with pytest.raises(ValueError, match=f"demo.{key}"):
-            validate_params(params)
+            params.validate()
 
 
 def test_textures_are_deterministic():

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _dune_keys() -> dict[str, list[int]]:
-    """Encoder tensor names and shapes of DUNE ViT-S/14 448 (REFERENCE section 1)."""
+    """Encoder tensor names and shapes of DUNE ViT-S/14 448 (``dune_vitsmall14_448.pth``)."""
     d, hidden = 384, 1536
     keys = {"encoder.cls_token": [1, 1, d], "encoder.pos_embed": [1, 1025, d],
             "encoder.register_tokens": [1, 4, d], "encoder.mask_token": [1, d],

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from distill3r.testing.services import sshd, sshd_available
+from services import sshd, sshd_available
 
 DVC = Path(sys.executable).parent / "dvc"
 ENV = {
@@ -110,6 +110,7 @@ def assert_same_shards(a: Path, b: Path) -> None:
     assert samples[0]["images.npz"]["images"].shape == (2, 14, 14, 3)
 
 
+@pytest.mark.slow  # git + dvc push/pull
 def test_local_remote_push_then_pull_in_fresh_clone(tmp_path):
     repo = make_repo(tmp_path)
     remote = tmp_path / "remote"

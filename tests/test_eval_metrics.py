@@ -12,8 +12,8 @@ from distill3r.evaluation import (aggregate_metrics, align_to_reference, cloud_m
                                   depth_metrics, evaluate_sample, fit_layout_prior, grid_normals,
                                   layout_baseline, median_depth_scale, plane_baseline,
                                   point_map_metrics, subsample_indices, top_confident)
-from distill3r.evaluation.synthetic import synthetic_scene
 from distill3r.geometry import similarity_matrix, transform_points
+from synthetic import synthetic_scene
 
 
 @pytest.fixture(scope="module")

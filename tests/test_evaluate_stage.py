@@ -21,9 +21,9 @@ from distill3r.data.demo import render_demo
 from distill3r.evaluation.runner import (BLOCKS, GT_BLOCKS, format_table, run_evaluation,
                                          score_sample, summarise)
 from distill3r.models import build_student, save_student
-from distill3r.testing.services import free_port
 from distill3r.tracking import (log_report, read_run_ref, report_metrics, start_run,
                                write_run_ref)
+from services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = CacheParams(image_size=[28, 28], views_per_sample=3, max_samples_per_scene=2,

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from distill3r.models import load_student
-from distill3r.testing.services import mlflow_server
-from distill3r.tracking import download_artifacts
 from distill3r.training.run import train
+from services import mlflow_server
+from tracking_helpers import download_artifacts
 from training_helpers import (TRAIN_SCRIPT, build_tiny_cache, quiet_env, tiny_params,
                               write_params)
 

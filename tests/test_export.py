@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 
 from distill3r.data.io import read_image
-from distill3r.export import (look_at, preview_image, read_ply, render_points, write_ply,
-                              write_preview)
-from distill3r.geometry import invert_pose
+from distill3r.export import preview_image, read_ply, render_points, write_ply, write_preview
+from distill3r.geometry import invert_pose, look_at
 
 
 def _cloud(m=257, seed=0):

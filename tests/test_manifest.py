@@ -247,11 +247,11 @@ def test_stage_clis_render_and_list(tmp_path):
               "data": {"sources": [{"kind": "demo", "root": str(tmp_path / "raw")}]}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     p = str(tmp_path / "params.yaml")
-    runpy.run_path(str(REPO / "stages/render_demo.py"))["main"](
-        ["--params", p, "--out", str(tmp_path / "raw"), "--no-progress"])
-    runpy.run_path(str(REPO / "stages/manifest.py"))["main"](
+    assert runpy.run_path(str(REPO / "stages/render_demo.py"))["main"](
+        ["--params", p, "--out", str(tmp_path / "raw"), "--no-progress"]) == 0
+    assert runpy.run_path(str(REPO / "stages/manifest.py"))["main"](
         ["--params", p, "--out", str(tmp_path / "manifest.csv"), "--images-dir",
-         str(tmp_path / "images"), "--report", str(tmp_path / "report.json")])
+         str(tmp_path / "images"), "--report", str(tmp_path / "report.json")]) == 0
     assert len(read_manifest(tmp_path / "manifest.csv")) == 4
     assert json.loads((tmp_path / "report.json").read_text())["scenes"] == 2
 

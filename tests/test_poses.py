@@ -8,7 +8,7 @@ from scipy.spatial.transform import Rotation
 
 from distill3r.evaluation import (estimate_focal, intrinsics, pnp_poses, pose_metrics,
                                   procrustes_poses, relative_pose_errors)
-from distill3r.evaluation.synthetic import synthetic_scene
+from synthetic import synthetic_scene
 
 
 def _pose(rot_deg=(0, 0, 0), t=(0, 0, 0)):

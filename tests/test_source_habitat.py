@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import OpenEXR
 import pytest
-from dataset_fixtures import (GL_TO_CV, TOLERANCE, TruthScene, build, check_images,
+from dataset_fixtures import (TOLERANCE, TruthScene, build, check_images,
                               geometry_error, render_truth, scene_records,
                               skipped_reasons)
 
 from distill3r.data.io import write_image
 from distill3r.data.sources.habitat import read_exr_depth
-from distill3r.geometry import invert_pose
+from distill3r.geometry import GL_TO_CV, invert_pose
 
 FOLDERS = ["hm3d/train/00800-TEEsavR23oF", "gibson/Adrian"]
 NAMES = ["hm3d_train_00800-TEEsavR23oF", "gibson_Adrian"]

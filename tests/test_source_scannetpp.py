@@ -10,8 +10,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from dataset_fixtures import (GL_TO_CV, TOLERANCE, TruthScene, build, check_images,
+from dataset_fixtures import (TOLERANCE, TruthScene, build, check_images,
                               geometry_error, render_truth, scene_records)
+
+from distill3r.geometry import GL_TO_CV
 
 FISHEYE_K = (0.08, -0.03, 0.01, -0.002)
 FISHEYE_SCALE = 4  # the fisheye depth is rendered 4x larger so the nearest-neighbour round trip

@@ -14,11 +14,8 @@ from pathlib import Path
 import pytest
 
 from distill3r.config import Params
-from distill3r.testing.services import mlflow_server
 from distill3r.tracking import (
-    download_artifacts,
     dvc_tags,
-    find_run,
     flatten_params,
     git_tags,
     log_artifacts_dir,
@@ -30,6 +27,8 @@ from distill3r.tracking import (
     start_run,
     write_run_ref,
 )
+from services import mlflow_server
+from tracking_helpers import download_artifacts, find_run
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "test",
@@ -72,6 +71,7 @@ def client(server):
     return MlflowClient(server)
 
 
+@pytest.mark.slow  # starts an MLflow server
 def test_run_roundtrip_on_server(server, client, tmp_path):
     repo = git_repo(tmp_path / "repo")
     commit = run(["git", "rev-parse", "HEAD"], repo).strip()

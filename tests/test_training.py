@@ -15,8 +15,10 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
+from distill3r.config import RuntimeParams
 from distill3r.geometry import depth_to_camera_points, invert_pose, transform_points
 from distill3r.models import build_student, load_student
+from distill3r.runtime import available_cores
 from distill3r.training import run as run_module
 from distill3r.training.augment import Augmenter, choose_views, color_jitter, sample_rng
 from distill3r.training.callbacks import AtomicCheckpointIO
@@ -77,10 +79,10 @@ def test_param_groups_no_decay_for_norms_biases_tokens():
 
 
 def test_bf16_falls_back_to_fp32_on_cpu_without_bf16(monkeypatch):
-    monkeypatch.setattr(run_module, "cpu_bf16_supported", lambda: False)
+    monkeypatch.setattr(run_module, "bf16_supported", lambda device: False)
     with pytest.warns(UserWarning, match="falling back"):
         assert resolve_precision("bf16-mixed", "cpu") == "32-true"
-    monkeypatch.setattr(run_module, "cpu_bf16_supported", lambda: True)
+    monkeypatch.setattr(run_module, "bf16_supported", lambda device: True)
     assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
 
 
@@ -88,12 +90,12 @@ def test_threads_explicit_or_split_between_cpu_ranks():
     before = torch.get_num_threads()
     try:
         one = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
-        assert run_module.set_threads(None, one) == before
+        assert 1 <= run_module.set_threads(None, one) <= available_cores()
         assert run_module.set_threads(1, one) == 1
     finally:
         torch.set_num_threads(before)
-    with pytest.raises(ValueError, match="train.threads"):
-        run_module.check_train_params(tiny_params(threads=0).train)
+    with pytest.raises(ValueError, match="runtime.threads"):
+        RuntimeParams(threads=0).validate()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -36,12 +36,13 @@ def tiny_params(tracking_uri: str | None = None, **train) -> Params:
     cache = dataclasses.replace(params.cache, image_size=[SIZE, SIZE], views_per_sample=3,
                                 max_samples_per_scene=3, shard_max_samples=4)
     settings = dict(accelerator="cpu", devices=1, strategy="auto", precision="32-true",
-                    threads=1, batch_size=2, num_workers=0, max_steps=4, warmup_steps=1,
+                    batch_size=2, num_workers=0, max_steps=4, warmup_steps=1,
                     val_every_steps=2, checkpoint_every_steps=2, log_every_steps=1,
                     tracking_uri=tracking_uri, system_metrics=False, color_jitter=0.1,
                     views=None, shuffle_view0=False)
     settings.update(train)
-    return dataclasses.replace(params, cache=cache,
+    runtime = dataclasses.replace(params.runtime, threads=settings.pop("threads", 1))
+    return dataclasses.replace(params, cache=cache, runtime=runtime,
                                train=dataclasses.replace(params.train, **settings))
 
 
@@ -56,7 +57,7 @@ def build_tiny_cache(root: Path, params: Params, num_scenes: int = 6, frames: in
 
 @contextlib.contextmanager
 def torch_threads_restored() -> Iterator[None]:
-    """Restore the torch thread count that an in-process ``train()`` (``train.threads``) set."""
+    """Restore the torch thread count that an in-process ``train()`` (``runtime.threads``) set."""
     before = torch.get_num_threads()
     try:
         yield

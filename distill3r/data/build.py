@@ -20,7 +20,6 @@ The report (``manifest_report.json``) lists every skipped scene with the file an
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
@@ -34,29 +33,9 @@ from distill3r.data.view import resize_crop
 from distill3r.data.manifest import FrameRecord, write_manifest
 from distill3r.data.sources import Frame, Scene, SkipFrame, Source, make_source
 from distill3r.jsonio import write_json
+from distill3r.seeding import stable_unit
 
 log = logging.getLogger(__name__)
-
-
-def stable_unit(*parts: str) -> float:
-    """A number in [0, 1) from a SHA-256 of ``parts`` (same on every machine and run)."""
-    digest = hashlib.sha256("\x1f".join(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
-
-
-def validate_data_params(params: DataParams) -> None:
-    checks = [("val_fraction", 0.0 <= params.val_fraction <= 1.0, "must be in [0, 1]"),
-              ("resize_max", params.resize_max >= 1, "must be >= 1"),
-              ("min_frames", params.min_frames >= 1, "must be >= 1")]
-    for key, ok, rule in checks:
-        if not ok:
-            raise ValueError(f"data.{key}={getattr(params, key)!r}: {rule}")
-    if not params.sources:
-        raise ValueError("data.sources: at least one source is needed")
-    for i, src in enumerate(params.sources):
-        if not 0.0 < src.sample_frac <= 1.0:
-            raise ValueError(f"data.sources[{i}].sample_frac={src.sample_frac!r}: "
-                             "must be in (0, 1]")
 
 
 def assign_splits(keys: list[tuple[str, str]], val_fraction: float, salt: str,
@@ -190,7 +169,7 @@ def build_manifest(params: DataParams, out_csv: str | Path, images_dir: str | Pa
     ``{"frames", "scenes", "splits": {split: {"scenes", "frames"}}, "resized_frames",
     "datasets": {name: counts}, "skipped": [{"dataset","scene","path","reason"}], "warnings"}``.
     """
-    validate_data_params(params)
+    params.validate("data")
     images_dir = Path(images_dir)
     images_dir.mkdir(parents=True, exist_ok=True)  # a DVC output even when nothing is resized
     report: dict = {"datasets": {}, "skipped": [], "warnings": []}

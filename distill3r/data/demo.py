@@ -1,6 +1,6 @@
 """The built-in demo dataset: closed textured rooms rendered with pybullet's CPU renderer.
 
-``render_demo(out_dir, params)`` writes one folder per scene (CONTRACTS.md, contract 1)::
+``render_demo(out_dir, params)`` writes one folder per scene (the ``demo`` source reads it)::
 
     <out_dir>/scene_0000/rgb/000000.png     RGB uint8 [H,W,3]
     <out_dir>/scene_0000/depth/000000.png   uint16 z-depth, 0.1 mm per unit, 0 = invalid
@@ -57,24 +57,6 @@ def scene_config(params: DemoParams, index: int) -> dict:
 
 def config_hash(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def validate_params(params: DemoParams) -> None:
-    """``ValueError`` naming the ``demo.*`` key for values the renderer cannot use."""
-    checks = [
-        ("num_scenes", params.num_scenes >= 1, "must be >= 1"),
-        ("views_per_scene", params.views_per_scene >= 1, "must be >= 1"),
-        ("height", params.height >= 8, "must be >= 8 pixels"),
-        ("width", params.width >= 8, "must be >= 8 pixels"),
-        ("workers", params.workers >= 0, "must be >= 0"),
-        ("objects_min", params.objects_min >= 0, "must be >= 0"),
-        ("objects_max", params.objects_max >= params.objects_min, "must be >= objects_min"),
-        ("min_object_distance", params.min_object_distance >= 0, "must be >= 0"),
-        ("orbit_degrees", 0 <= params.orbit_degrees <= 360, "must be in [0, 360]"),
-    ]
-    for key, ok, rule in checks:
-        if not ok:
-            raise ValueError(f"demo.{key}={getattr(params, key)!r}: {rule}")
 
 
 def intrinsics(fov_deg: float, width: int, height: int) -> tuple[np.ndarray, list[float]]:
@@ -260,7 +242,7 @@ def _task(args: tuple) -> str:
 def render_demo(out_dir: str | Path, params: DemoParams, progress: bool = True) -> list[str]:
     """Render ``params.num_scenes`` scenes into ``out_dir`` (skipping complete, matching ones)
     with ``params.workers`` processes; returns the scene names in order."""
-    validate_params(params)
+    params.validate("demo")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _clean_stale(out_dir, params.num_scenes)

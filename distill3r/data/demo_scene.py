@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from distill3r.data.textures import make_texture, random_texture
+from distill3r.geometry import look_at
 
 WALL_MARGIN = 0.4  # metres between a camera and any wall, floor or ceiling
 OBJECT_RADIUS = 0.9  # object centres lie within this distance of the scene centre (at first)
@@ -99,20 +100,6 @@ def aabb_distance(point: np.ndarray, lo, hi) -> float:
     """Euclidean distance from ``point`` [3] to an axis-aligned box (0 inside)."""
     d = np.maximum(np.maximum(np.asarray(lo) - point, 0), point - np.asarray(hi))
     return float(np.sqrt((d * d).sum()))
-
-
-def look_at(eye: np.ndarray, target: np.ndarray, roll: float = 0.0) -> np.ndarray:
-    """OpenCV c2w 4x4 at ``eye`` looking at ``target`` with world z up (then ``roll`` rad)."""
-    fwd = target - eye
-    fwd = fwd / np.linalg.norm(fwd)
-    right = np.cross(fwd, [0.0, 0.0, 1.0])
-    right /= np.linalg.norm(right)
-    down = np.cross(fwd, right)
-    c, s = np.cos(roll), np.sin(roll)
-    right, down = c * right + s * down, -s * right + c * down
-    c2w = np.eye(4)
-    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = right, down, fwd, eye
-    return c2w
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,7 +241,7 @@ def sample_cameras(rng: np.random.Generator, n: int, orbit_deg: float, objects, 
                                orbit["target_z"] + rng.uniform(-0.1, 0.1)])
             roll = rng.uniform(-0.04, 0.04)
             if all(aabb_distance(eye, o.aabb_min, o.aabb_max) >= min_dist for o in objects):
-                poses.append(look_at(eye, target, roll))
+                poses.append(look_at(eye, target, down=(0.0, 0.0, -1.0), roll=roll))
                 break
             rejected += 1
         else:

@@ -26,7 +26,6 @@ particular, which WebDataset treats as extension separators) replaced by ``_``.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import math
 import re
@@ -36,22 +35,16 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from distill3r.config import DatasetSampling
+from distill3r.config import CacheParams, DatasetSampling
 from distill3r.data.manifest import FrameRecord
 from distill3r.data.ordering import pose_distance
+from distill3r.seeding import stable_seed
 
-SAMPLING_MODES = ("stride", "random", "nearby")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
 _ENUMERATE_LIMIT = 20_000  # enumerate all subsets when there are at most this many
 _ANCHOR_ENUMERATE_LIMIT = 2_000  # nearby: enumerate an anchor's subsets up to this many
 _ANCHOR_TRIES = 200  # nearby: random draws before a large neighbourhood counts as used up
 POSE_FRAMES_LIMIT = 2_000  # nearby: larger scenes use frame order (pose distances are O(n^2))
-
-
-def stable_seed(*parts) -> int:
-    """A 63-bit seed from ``parts`` that is stable across runs, machines and Python versions."""
-    text = "\x1f".join(str(p) for p in parts)
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
 def sample_key(dataset: str, scene: str, index: int) -> str:
@@ -205,66 +198,23 @@ class SamplingRule:
 _OVERRIDABLE = ("sampling", "frame_stride", "neighbours", "max_samples_per_scene")
 
 
-def _check_mode(value: str, key: str) -> None:
-    if value not in SAMPLING_MODES:
-        raise ValueError(f"{key}: must be one of {', '.join(SAMPLING_MODES)}, got {value!r}")
-
-
-def _check_positive(value: int, key: str) -> None:
-    if value < 1:
-        raise ValueError(f"{key}: must be >= 1, got {value}")
-
-
-def _check_neighbours(rule: SamplingRule, key: str, note: str = "") -> None:
-    if rule.neighbours < rule.views_per_sample - 1:
-        raise ValueError(f"{key}: must be >= views_per_sample - 1 = {rule.views_per_sample - 1}"
-                         f" for nearby sampling{note}, got {rule.neighbours}")
-
-
-def _override(base: SamplingRule, entry: DatasetSampling, where: str) -> SamplingRule:
-    """``base`` with the non-null fields of ``entry`` (checked; errors name ``where.<key>``)."""
-    changes = {k: getattr(entry, k) for k in _OVERRIDABLE if getattr(entry, k) is not None}
-    if "sampling" in changes:
-        _check_mode(changes["sampling"], f"{where}.sampling")
-    for key in ("frame_stride", "max_samples_per_scene"):
-        if key in changes:
-            _check_positive(changes[key], f"{where}.{key}")
-    rule = replace(base, **changes)
-    if rule.sampling == "nearby":
-        if "neighbours" in changes:
-            _check_neighbours(rule, f"{where}.neighbours")
-        else:
-            _check_neighbours(rule, "cache.neighbours", f" (inherited by {where})")
-    return rule
-
-
 def dataset_rules(base: SamplingRule,
                   overrides: Sequence[DatasetSampling] = ()) -> dict[str, SamplingRule]:
-    """Check ``base`` (the cache-wide values) and ``overrides`` (``cache.dataset_sampling``) and
-    return ``{dataset: rule}`` for every overridden dataset (others use ``base``).
-
-    ``neighbours`` is checked only where ``"nearby"`` uses it.
+    """Check ``base`` (the cache-wide values) and ``overrides`` (``cache.dataset_sampling``)
+    with :meth:`CacheParams.validate` and return ``{dataset: rule}`` for every overridden
+    dataset (others use ``base``).
 
     Raises:
-        ValueError: naming the key, e.g. ``cache.dataset_sampling[1].sampling: must be one
+        ValueError: naming the key, e.g. ``cache.dataset_sampling[1].sampling: 'x' is not one
         of ...``; also for a dataset listed twice.
     """
-    _check_mode(base.sampling, "cache.sampling")
-    for key in ("views_per_sample", "max_samples_per_scene", "frame_stride"):
-        _check_positive(getattr(base, key), f"cache.{key}")
-    if base.sampling == "nearby":
-        _check_neighbours(base, "cache.neighbours")
+    CacheParams(sampling=base.sampling, views_per_sample=base.views_per_sample,  # type: ignore
+                max_samples_per_scene=base.max_samples_per_scene, frame_stride=base.frame_stride,
+                neighbours=base.neighbours, dataset_sampling=list(overrides)).validate("cache")
     rules: dict[str, SamplingRule] = {}
-    first: dict[str, int] = {}
-    for i, entry in enumerate(overrides):
-        where = f"cache.dataset_sampling[{i}]"
-        if not entry.dataset:
-            raise ValueError(f"{where}.dataset: must name a dataset, got {entry.dataset!r}")
-        if entry.dataset in first:
-            raise ValueError(f"{where}.dataset: {entry.dataset!r} already has an override "
-                             f"(cache.dataset_sampling[{first[entry.dataset]}])")
-        first[entry.dataset] = i
-        rules[entry.dataset] = _override(base, entry, where)
+    for entry in overrides:
+        changes = {k: getattr(entry, k) for k in _OVERRIDABLE if getattr(entry, k) is not None}
+        rules[entry.dataset] = replace(base, **changes)
     return rules
 
 
@@ -342,13 +292,3 @@ def sample_scenes(groups: dict[tuple[str, str, str], list[FrameRecord]], base: S
                     for s in skipped])
     return samples, skipped
 
-
-def sample_views(groups: dict[tuple[str, str, str], list[FrameRecord]], views_per_sample: int,
-                 max_samples_per_scene: int, sampling: str = "random", frame_stride: int = 1,
-                 seed: int = 0, *, neighbours: int = 8,
-                 overrides: Sequence[DatasetSampling] = ()) -> tuple[list[ViewSample], list[dict]]:
-    """:func:`sample_scenes` with the cache-wide values given one by one and ``overrides``
-    (``cache.dataset_sampling``) checked by :func:`dataset_rules`."""
-    base = SamplingRule(sampling, views_per_sample, max_samples_per_scene, frame_stride,
-                        neighbours)
-    return sample_scenes(groups, base, dataset_rules(base, overrides), seed)

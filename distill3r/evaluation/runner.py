@@ -33,7 +33,7 @@ import torch
 
 from distill3r.cache.reader import check_same_build, read_index, read_split
 from distill3r.config import EvalParams, Params
-from distill3r.devices import autocast, bf16_supported, parse_dtype, resolve_device
+from distill3r.devices import autocast, resolve_device, resolve_dtype
 from distill3r.evaluation.baselines import fit_layout_prior, layout_baseline, plane_baseline
 from distill3r.evaluation.protocol import aggregate_metrics, evaluate_sample
 from distill3r.jsonio import write_json
@@ -58,23 +58,6 @@ class EvalResult:
 # ---------------------------------------------------------------------------------------------
 # Inputs
 # ---------------------------------------------------------------------------------------------
-def check_eval_params(ep: EvalParams) -> None:
-    """``ValueError`` naming the ``eval.*`` key for unusable values."""
-    checks = [("batch_size", ep.batch_size >= 1, "must be >= 1"),
-              ("max_samples", ep.max_samples is None or ep.max_samples >= 1,
-               "must be >= 1 or null"),
-              ("conf_top_fraction", 0 < ep.conf_top_fraction <= 1, "must be in (0, 1]"),
-              ("pnp_reprojection_px", ep.pnp_reprojection_px > 0, "must be > 0"),
-              ("conf_percentile", 0 <= ep.conf_percentile <= 100, "must be in [0, 100]"),
-              ("max_points", ep.max_points >= 1, "must be >= 1"),
-              ("layout_prior_max_samples", ep.layout_prior_max_samples is None
-               or ep.layout_prior_max_samples >= 1, "must be >= 1 or null")]
-    for key, ok, rule in checks:
-        if not ok:
-            raise ValueError(f"eval.{key}={getattr(ep, key)!r}: {rule}")
-    parse_dtype(ep.dtype)
-
-
 def load_checked_student(checkpoint: Path, params: Params, device: torch.device):
     """The student in eval mode; ``ValueError`` if the folder is missing or unreadable, or its
     architecture differs from ``model.name`` in params (a checkpoint of another config)."""
@@ -236,12 +219,10 @@ def run_evaluation(params: Params, checkpoint: str | Path, cache_dir: str | Path
     from tqdm import tqdm
 
     ep = params.eval
-    check_eval_params(ep)
+    ep.validate("eval")
     checkpoint, cache_dir, out_path = Path(checkpoint), Path(cache_dir), Path(out_path)
     device = resolve_device(ep.device)
-    dtype = parse_dtype(ep.dtype)
-    if dtype == torch.bfloat16 and not bf16_supported(device):
-        dtype = torch.float32
+    dtype = resolve_dtype(ep.dtype, device)
     model = load_checked_student(checkpoint, params, device)
     index = check_split(cache_dir / "val", model.patch_size)
     prior, prior_views = train_layout_prior(cache_dir / "train", index,

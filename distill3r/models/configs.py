@@ -5,7 +5,7 @@ saved student holds); run-time options such as the DPT-head chunk size are not p
 
 Named variants (``MODEL_CONFIGS`` / :func:`get_config`):
 
-- ``paper``: the published 72M student (REFERENCE section 1): DUNE ViT-S/14 encoder
+- ``paper``: the published 72M student (71,969,288 parameters): DUNE ViT-S/14 encoder
   (timm ``vit_small_patch14_reg4_dinov2`` layout, 32x32 position grid), 6-block fusion
   decoder of width 384, two DPT heads on hooks [0, 3, 4, 6].
 - ``tiny``: a ~5M model with the same structure for tests and the CPU demo (112x112, 4 views).

@@ -7,16 +7,19 @@
 
 from __future__ import annotations
 
-from distill3r.config import TeacherParams
+import typing
+
+from distill3r.config import TeacherName, TeacherParams
 from distill3r.teachers.base import Teacher, TeacherInput, TeacherOutput
 
-TEACHERS = ("groundtruth", "fast3r", "checkpoint")
+TEACHERS = typing.get_args(TeacherName)
 
 __all__ = ["TEACHERS", "Teacher", "TeacherInput", "TeacherOutput", "get_teacher"]
 
 
 def get_teacher(params: TeacherParams) -> Teacher:
-    """The teacher named ``params.name`` (``ValueError`` for an unknown name)."""
+    """The teacher named ``params.name`` (``ValueError`` for an unknown name or bad values)."""
+    params.validate("teacher")
     if params.name == "groundtruth":
         from distill3r.teachers.groundtruth import GroundTruthTeacher
 
@@ -29,4 +32,4 @@ def get_teacher(params: TeacherParams) -> Teacher:
         from distill3r.teachers.checkpoint import CheckpointTeacher
 
         return CheckpointTeacher(params)
-    raise ValueError(f"teacher.name must be one of {', '.join(TEACHERS)}, got {params.name!r}")
+    raise AssertionError(f"TeacherParams.validate let {params.name!r} through")

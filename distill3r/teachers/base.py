@@ -2,7 +2,7 @@
 
 Every teacher implements :class:`Teacher`: ``name``, ``fingerprint()`` (a stable string that
 changes whenever the teacher's outputs could change: name, parameters, weights identity) and
-``predict(TeacherInput) -> TeacherOutput``. Conventions (DESIGN.md): OpenCV cameras, ``c2w``
+``predict(TeacherInput) -> TeacherOutput``. Conventions: OpenCV cameras, ``c2w``
 camera-to-world, global frame = view 0's camera frame, views-first arrays.
 """
 

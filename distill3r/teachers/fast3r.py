@@ -1,4 +1,5 @@
-"""Fast3R teacher adapter. The ``fast3r`` package is imported lazily.
+"""Fast3R teacher adapter (upstream facebookresearch/fast3r). The ``fast3r`` package is imported
+lazily.
 
 Pipeline for one sample of N views (cache resolution ``(H, W)``, Fast3R long side ``S`` =
 ``teacher.image_size``, 512 for the released weights):

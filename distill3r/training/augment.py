@@ -29,7 +29,6 @@ point, so they are left out on purpose.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from distill3r.geometry import similarity_matrix, transform_points, umeyama
+from distill3r.seeding import stable_seed
 
 PER_VIEW_KEYS = ("images", "xyz_global", "xyz_local", "conf_global", "conf_local", "mask",
                  "depth", "K", "c2w")
@@ -46,7 +46,7 @@ _FIT_POINTS = 4096  # valid pixels used for the reference-change fit
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     """The generator for one sample in one epoch: independent of worker and rank layout."""
-    return np.random.default_rng([int(seed), int(epoch), zlib.crc32(key.encode())])
+    return np.random.default_rng([int(seed), int(epoch), stable_seed(key)])
 
 
 def color_jitter(images: torch.Tensor, strength: float, rng: np.random.Generator) -> torch.Tensor:

@@ -5,8 +5,8 @@
   leaves the previous ``last.ckpt`` intact; loads with ``torch.load(weights_only=True)`` always
   (Lightning checkpoints of this project hold only tensors, numbers, strings and containers).
 - :class:`StepPrinter`: one line every ``every`` optimiser steps (step, loss, lr, smoothed
-  samples/s, elapsed, ETA) on rank 0, and the per-step training curve as CSV; the progress bar
-  is off because DVC and CI capture stdout into log files.
+  samples/s, elapsed, ETA) on rank 0 (logs that DVC and CI capture; the stage adds a progress
+  bar unless ``--no-progress``), and the per-step training curve as CSV.
 - :class:`KeyRecorder`: appends the sample keys of every training batch of this rank to
   ``<folder>/rank<R>.jsonl`` (debugging and the DDP disjointness test).
 - :func:`write_curves`: the validation history as CSV (``dvc plots``) and the first and final

@@ -39,7 +39,9 @@ from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from distill3r.config import Params, TrainParams
+from distill3r.devices import bf16_supported
 from distill3r.models import save_student
+from distill3r.runtime import choose_threads
 from distill3r.tracking import (log_artifacts_dir, make_lightning_logger, read_run_ref,
                                 resolve_tracking_uri, start_run, write_run_ref)
 from distill3r.training.augment import Augmenter
@@ -65,19 +67,11 @@ class TrainResult:
     student: torch.nn.Module  # the trained student (eval mode, CPU on rank 0)
 
 
-def cpu_bf16_supported() -> bool:
-    """Whether this CPU runs bf16 matmuls natively (AVX512-BF16 / AMX via oneDNN)."""
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    try:
-        return bool(check()) if check is not None else False
-    except RuntimeError:
-        return False
-
-
 def resolve_precision(precision: str, accelerator: str) -> str:
-    """``train.precision`` for Lightning; bf16 on a CPU without bf16 support falls back to 32."""
+    """``train.precision`` for Lightning; bf16 on a CPU without native bf16
+    (:func:`~distill3r.devices.bf16_supported`, the policy of every stage) falls back to 32."""
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if precision.startswith("bf16") and on_cpu and not cpu_bf16_supported():
+    if precision.startswith("bf16") and on_cpu and not bf16_supported(torch.device("cpu")):
         warnings.warn(f"train.precision={precision!r} but this CPU has no native bf16: "
                       "falling back to 32-bit", stacklevel=2)
         return "32-true"
@@ -85,33 +79,18 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 
 def set_threads(threads: Optional[int], trainer: L.Trainer) -> int:
-    """Torch intra-op threads of this process: ``threads``, or with null the cores divided by
-    the processes per node when several CPU ranks share the machine (OpenMP threads that
-    outnumber the cores spin-wait at every barrier and slow a step down many times); returns
-    the count in use."""
-    if threads is not None:
-        torch.set_num_threads(threads)
-    elif isinstance(trainer.accelerator, CPUAccelerator) and trainer.num_devices > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // trainer.num_devices))
+    """Torch intra-op threads of this process: ``threads`` (``runtime.threads``), or with null
+    the idle cores divided by the CPU ranks of this node (:func:`distill3r.runtime.
+    choose_threads`: OpenMP threads that outnumber the cores slow a step down many times);
+    returns the count in use."""
+    cpu_ranks = trainer.num_devices if isinstance(trainer.accelerator, CPUAccelerator) else 1
+    torch.set_num_threads(choose_threads(threads, cpu_ranks))
     return torch.get_num_threads()
 
 
-def check_train_params(tp: TrainParams) -> None:
-    """``ValueError`` naming the key for values Lightning would reject late or silently."""
-    positive = ("batch_size", "accumulate_grad_batches", "max_steps", "val_every_steps",
-                "checkpoint_every_steps", "log_every_steps", "num_nodes")
-    for key in positive:
-        if getattr(tp, key) < 1:
-            raise ValueError(f"train.{key} must be >= 1, got {getattr(tp, key)}")
-    if tp.warmup_steps < 0 or tp.grad_clip < 0 or tp.color_jitter < 0:
-        raise ValueError("train.warmup_steps, train.grad_clip and train.color_jitter must be >= 0")
-    for key in ("views", "threads"):
-        if getattr(tp, key) is not None and getattr(tp, key) < 1:
-            raise ValueError(f"train.{key} must be >= 1 or null, got {getattr(tp, key)}")
-
-
-def cache_fingerprint(cache_dir: Path) -> str:
-    """SHA-256 (16 hex) of the train and val ``index.json`` files: names the exact cache."""
+def cache_index_digest(cache_dir: Path) -> str:
+    """SHA-256 (16 hex) of the train and val ``index.json`` files: names the exact shards (the
+    cache's own ``fingerprint`` names what built them: manifest, sampling params, teacher)."""
     digest = hashlib.sha256()
     for split in ("train", "val"):
         digest.update((cache_dir / split / "index.json").read_bytes())
@@ -128,7 +107,7 @@ def clear_checkpoints(folder: Path, keep_last: bool) -> None:
         path.unlink(missing_ok=True)
 
 
-def _trainer(tp: TrainParams, checkpoints: Path, callbacks: list,
+def _trainer(tp: TrainParams, checkpoints: Path, callbacks: list, progress: bool,
              step_plots: Optional[Path] = None) -> L.Trainer:
     precision = resolve_precision(tp.precision, tp.accelerator)
     # checkpoints/last.ckpt only; step-named copies are not kept (save_top_k=0).
@@ -146,12 +125,12 @@ def _trainer(tp: TrainParams, checkpoints: Path, callbacks: list,
         log_every_n_steps=tp.log_every_steps, reload_dataloaders_every_n_epochs=1,
         callbacks=[checkpoint, StepPrinter(tp.log_every_steps, step_plots), *callbacks],
         plugins=[AtomicCheckpointIO()], logger=False, default_root_dir=checkpoints,
-        enable_progress_bar=False, enable_model_summary=True, deterministic=False,
+        enable_progress_bar=progress, enable_model_summary=True, deterministic=False,
     )
 
 
 def _tracked_run(rank0: bool, params: Params, tracking_uri: str, checkpoints: Path,
-                 ckpt_path: Optional[Path], fingerprint: str):
+                 ckpt_path: Optional[Path], cache_tags: dict[str, str]):
     """The MLflow run on rank 0 (the resumed checkpoint's run when there is one, else a new
     run with every param), a no-op context on the other ranks."""
     if not rank0:
@@ -160,7 +139,7 @@ def _tracked_run(rank0: bool, params: Params, tracking_uri: str, checkpoints: Pa
     run_id = _previous_run(checkpoints, ckpt_path, tracking_uri)
     return start_run(None if run_id else params, tracking_uri, tp.experiment,
                      run_name=run_name(params),
-                     tags={"cache.fingerprint": fingerprint}, system_metrics=tp.system_metrics,
+                     tags=cache_tags, system_metrics=tp.system_metrics,
                      run_id=run_id)
 
 
@@ -188,7 +167,7 @@ def train(params: Params, cache_dir: str | Path, out_dir: str | Path,
           checkpoints_dir: str | Path, resume: bool = False,
           run_ref: Optional[str | Path] = None, max_steps: Optional[int] = None,
           keys_dir: Optional[str | Path] = None, plots: Optional[str | Path] = None,
-          metrics: Optional[str | Path] = None,
+          metrics: Optional[str | Path] = None, progress: bool = False,
           step_plots: Optional[str | Path] = None) -> TrainResult:
     """Train the student on ``<cache_dir>/train`` (validating on ``<cache_dir>/val``).
 
@@ -203,29 +182,32 @@ def train(params: Params, cache_dir: str | Path, out_dir: str | Path,
         keys_dir: record the sample keys of every batch per rank (debugging, tests).
         plots, metrics: validation curve CSV and final metrics JSON (the last with the training
             seconds and parameter count).
+        progress: Lightning's progress bar (besides the step lines every
+            ``train.log_every_steps``).
         step_plots: the per-step training curve CSV (every ``train.log_every_steps``).
     """
     if max_steps is not None:
         params = dataclasses.replace(params, train=dataclasses.replace(params.train,
                                                                        max_steps=max_steps))
     tp = params.train
-    check_train_params(tp)
+    tp.validate("train")
     cache_dir, out_dir, checkpoints = Path(cache_dir), Path(out_dir), Path(checkpoints_dir)
     augment = Augmenter(views=tp.views, shuffle_view0=tp.shuffle_view0,
                         color_jitter=tp.color_jitter, seed=tp.seed)
     data = CacheDataModule(cache_dir / "train", cache_dir / "val", tp.batch_size,
                            tp.num_workers, tp.seed, augment, tp.accumulate_grad_batches)
     check_cache(data.train_index, data.val_index, params, cache_dir)
-    fingerprint = cache_fingerprint(cache_dir)
+    cache_tags = {"cache.fingerprint": str(data.train_index.get("fingerprint")),
+                  "cache.index_sha256": cache_index_digest(cache_dir)}
     L.seed_everything(tp.seed, workers=True, verbose=False)
     module = DistillModule(params.model, params.loss, tp,
-                           run_info={"cache_fingerprint": fingerprint})
+                           run_info={k.replace(".", "_"): v for k, v in cache_tags.items()})
     callbacks: list[Any] = [] if keys_dir is None else [KeyRecorder(keys_dir)]
-    trainer = _trainer(tp, checkpoints, callbacks,
+    trainer = _trainer(tp, checkpoints, callbacks, progress,
                        None if step_plots is None else Path(step_plots))
     data.check_world(trainer.world_size)
     log.info("rank %d of %d, %d torch thread(s)", trainer.global_rank, trainer.world_size,
-             set_threads(tp.threads, trainer))
+             set_threads(params.runtime.threads, trainer))
     ckpt_path = checkpoints / LAST if resume and (checkpoints / LAST).is_file() else None
     if resume and ckpt_path is None:
         warnings.warn(f"--resume: {checkpoints / LAST} not found, starting from scratch",
@@ -234,7 +216,7 @@ def train(params: Params, cache_dir: str | Path, out_dir: str | Path,
     if rank0:
         clear_checkpoints(checkpoints, keep_last=ckpt_path is not None)
     tracking_uri = resolve_tracking_uri(tp.tracking_uri)
-    with _tracked_run(rank0, params, tracking_uri, checkpoints, ckpt_path, fingerprint) as active:
+    with _tracked_run(rank0, params, tracking_uri, checkpoints, ckpt_path, cache_tags) as active:
         if rank0:
             write_run_ref(checkpoints / RUN_FILE, active, tracking_uri)
             trainer.loggers = [make_lightning_logger(tracking_uri, tp.experiment,

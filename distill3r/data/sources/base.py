@@ -244,7 +244,6 @@ def rigid(R: np.ndarray, t: np.ndarray) -> np.ndarray:
     return T
 
 
-GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])  # OpenGL camera axes (y up, z back) <-> OpenCV
 
 
 def intrinsics(fx: float, fy: float, cx: float, cy: float) -> np.ndarray:

@@ -63,8 +63,9 @@ from typing import Any
 import numpy as np
 
 from distill3r.data.io import read_depth_png
-from distill3r.data.sources.base import (GL_TO_CV, Frame, Scene, SceneRef, Source, intrinsics,
+from distill3r.data.sources.base import (Frame, Scene, SceneRef, Source, intrinsics,
                                          register_source, subfolders)
+from distill3r.geometry import GL_TO_CV
 from distill3r.jsonio import read_json
 
 PINHOLE_MODELS = ("PINHOLE", "SIMPLE_PINHOLE")

@@ -1,0 +1,104 @@
+"""Every package file a stage imports is a dependency of that stage in ``dvc.yaml``.
+
+The import closure is found statically: each stage script and every ``distill3r`` module it
+reaches is parsed with :mod:`ast`, and every ``import`` / ``from ... import`` anywhere in the file
+(module level, or lazily inside a function) that names a ``distill3r`` module is followed. Parent
+packages' ``__init__.py`` files count too, since importing ``a.b`` runs ``a/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "distill3r"
+
+
+def _module_file(name: str) -> Path | None:
+    """``distill3r.a.b`` -> its file (``a/b.py`` or ``a/b/__init__.py``), or None."""
+    base = ROOT.joinpath(*name.split("."))
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    return None
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Names of the ``distill3r`` modules ``path`` imports, wherever the import statement is."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    is_package = path.name == "__init__.py"
+    here = _module_name(path) if path.is_relative_to(ROOT / PACKAGE) else ""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = here.split(".") if is_package else here.split(".")[:-1]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            names.add(base)
+            # ``from pkg import mod`` imports the submodule when one exists
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return {n for n in names if n == PACKAGE or n.startswith(PACKAGE + ".")}
+
+
+def import_closure(script: Path) -> set[Path]:
+    """Every file under ``distill3r/`` that running ``script`` may import, as repo paths."""
+    seen: set[Path] = set()
+    todo = [script]
+    while todo:
+        path = todo.pop()
+        for name in _imported_modules(path):
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):  # parents' __init__ run first
+                file = _module_file(".".join(parts[:i]))
+                if file is not None and file not in seen:
+                    seen.add(file)
+                    todo.append(file)
+    return {p.relative_to(ROOT) for p in seen}
+
+
+def _covered(file: Path, deps: list[str]) -> bool:
+    return any(file == Path(d) or Path(d) in file.parents for d in deps)
+
+
+def _stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def _stage_script(stage: dict) -> Path:
+    deps = [d for d in stage["deps"] if str(d).startswith("stages/") and str(d).endswith(".py")]
+    assert len(deps) == 1, f"expected one stages/*.py dependency, got {deps}"
+    return ROOT / deps[0]
+
+
+@pytest.mark.parametrize("name", sorted(_stages()))
+def test_stage_deps_cover_import_closure(name):
+    stage = _stages()[name]
+    deps = [str(d) for d in stage["deps"]]
+    missing = sorted(str(f) for f in import_closure(_stage_script(stage)) if not _covered(f, deps))
+    assert not missing, f"stage {name}: dvc.yaml deps miss imported file(s): {', '.join(missing)}"
+
+
+def test_closure_follows_lazy_and_relative_imports(tmp_path):
+    """The walker itself: a lazy import inside a function is followed, recursively."""
+    closure = import_closure(ROOT / "stages" / "cache.py")  # imports the package inside main()
+    assert Path("distill3r/cache/writer.py") in closure
+    assert Path("distill3r/config.py") in closure
+    assert Path("distill3r/geometry.py") in closure  # via the ground-truth teacher

@@ -1,0 +1,54 @@
+"""Every stage script behaves the same: ``--no-progress``, whole-file params validation before
+any work, and bad input as ``<stage>: error: <message>`` (exit 1, no traceback)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+# the arguments each stage requires (never reached: the params fail first)
+ARGS = {
+    "render_demo": ["--out", "x"],
+    "manifest": ["--out", "x.csv", "--images-dir", "x"],
+    "cache": ["--manifest", "x.csv", "--out", "x"],
+    "train": ["--cache", "x", "--out", "x", "--checkpoints", "x"],
+    "evaluate": ["--checkpoint", "x", "--cache", "x", "--out", "x.json"],
+    "infer": ["x", "--checkpoint", "x", "--output-dir", "x"],
+    "bench": ["--out", "x.json", "--plot", "x.png"],
+}
+
+
+def _run(stage: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py"), *args],
+                          capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+
+
+def test_every_stage_script_is_listed():
+    assert {p.stem for p in (ROOT / "stages").glob("*.py")} == set(ARGS)
+
+
+@pytest.mark.parametrize("stage", sorted(ARGS))
+def test_typo_in_any_section_stops_every_stage_before_work(stage, tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["loss"]["weighting"] = "teachr"
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    proc = _run(stage, "--params", str(params), "--no-progress", *ARGS[stage], cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith(f"{stage}: error: {params}: "), proc.stderr
+    assert "loss.weighting: 'teachr' is not one of 'teacher', 'none', 'student'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_params_file_is_an_error_not_a_traceback(tmp_path):
+    proc = _run("bench", "--params", str(tmp_path / "nope.yaml"), *ARGS["bench"], cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"bench: error: {tmp_path / 'nope.yaml'}: params file not found"
