@@ -392,27 +392,45 @@ class BenchmarkSpec:
     """``benchmark.benchmarks`` entry: one public benchmark; a null field takes the
     benchmark's protocol default (``distill3r.benchmarks.protocols``)."""
 
-    name: str  # "demo" | "sevenscenes" | "nrgbd" | "dtu" | "co3d"
+    name: Literal["demo", "sevenscenes", "nrgbd", "dtu", "co3d"]
     root: Optional[str] = None  # the benchmark's folder; null or absent: skipped
     views: Optional[int] = None  # views per sample (window / random selection)
     samples: Optional[int] = None  # total samples over all scenes (null: protocol default)
-    selection: Optional[str] = None  # "window" | "keyframes" | "random"
+    selection: Optional[Literal["window", "keyframes", "random"]] = None
     kf_every: Optional[int] = None  # keyframes: every k-th frame
     max_gap: Optional[int] = None  # window: largest index step between selected frames
-    split: Optional[str] = None  # demo: "val" / "train" scenes of the data split; null: all
+    split: Optional[Literal["val", "train"]] = None  # demo: scenes of the data split; null: all
+
+    def validate(self, where: str = "benchmark.benchmarks[0]") -> None:
+        check_choices(self, where)
+        require([(key, getattr(self, key) is None or getattr(self, key) >= 1,
+                  "must be >= 1 or null") for key in ("views", "samples", "kf_every", "max_gap")],
+                self, where)
 
 
 @dataclass
 class BenchmarkParams:
     """Scoring models on public benchmarks with Fast3R's protocols (stage ``benchmark``)."""
 
-    benchmarks: list[BenchmarkSpec] = field(default_factory=list)
-    models: list[str] = field(default_factory=lambda: ["student", "groundtruth", "plane"])
+    benchmarks: list[BenchmarkSpec] = field(default_factory=lambda: [
+        BenchmarkSpec("demo", "data/raw/demo", views=4, split="val"),
+        *(BenchmarkSpec(name) for name in ("sevenscenes", "nrgbd", "dtu", "co3d"))])
+    models: list[Literal["student", "fast3r", "groundtruth", "plane"]] = field(
+        default_factory=lambda: ["student", "groundtruth", "plane"])
     long_side: int = 112  # evaluation grid long side (sides multiples of the student's patch)
     max_scenes: Optional[int] = None  # scenes per benchmark (a quick run); null: all
     device: str = "auto"
-    dtype: str = "bf16"  # the student's autocast dtype where supported
+    dtype: ComputeDtype = "bf16"  # the student's autocast dtype where supported
     seed: int = 0
+
+    def validate(self, where: str = "benchmark") -> None:
+        check_choices(self, where)
+        check_device(self.device, f"{where}.device")
+        require([("long_side", self.long_side >= 14, "must be >= 14"),
+                 ("max_scenes", self.max_scenes is None or self.max_scenes >= 1,
+                  "must be >= 1 or null")], self, where)
+        for i, spec in enumerate(self.benchmarks):
+            spec.validate(f"{where}.benchmarks[{i}]")
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Demo training throughput on this machine, alone and beside one competing CPU-bound process.
 
-    python scripts/load_throughput.py [--steps 60] [--scenes 8] [--workdir DIR] [--json OUT]
+    python scripts/load_throughput.py [--steps 60] [--scenes 8] [--threads N] [--workdir DIR] \
+        [--json OUT]
 
 Builds a small demo cache with the real stages (render_demo, manifest, cache; the demo profile
 of ``params.yaml`` with ``--scenes`` scenes), then runs the real train stage twice for
@@ -35,7 +36,7 @@ def _stage(name: str, *args: str, env: dict) -> subprocess.CompletedProcess:
     return proc
 
 
-def _params(work: Path, scenes: int, steps: int) -> Path:
+def _params(work: Path, scenes: int, steps: int, threads: int | None) -> Path:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["demo"].update(num_scenes=scenes, workers=0)
     raw["data"]["sources"] = [{"kind": "demo", "root": str(work / "raw"), "name": None,
@@ -43,6 +44,7 @@ def _params(work: Path, scenes: int, steps: int) -> Path:
     raw["train"].update(max_steps=steps, val_every_steps=10 * steps,
                         checkpoint_every_steps=10 * steps, system_metrics=False,
                         tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    raw["runtime"]["threads"] = threads
     path = work / "params.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -65,13 +67,17 @@ def main() -> None:
     p.add_argument("--scenes", type=int, default=8, help="demo scenes in the cache")
     p.add_argument("--workdir", help="keep the cache and runs here (default: a temp folder)")
     p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--threads", type=int, help="runtime.threads for both runs (default: the "
+                   "params.yaml value)")
     args = p.parse_args()
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI",)}
     env.update(PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        params = _params(work, args.scenes, args.steps)
+        threads = args.threads or yaml.safe_load((ROOT / "params.yaml").read_text())[
+            "runtime"]["threads"]
+        params = _params(work, args.scenes, args.steps, threads)
         if not (work / "cache" / "train" / "index.json").is_file():
             _stage("render_demo", "--params", params, "--out", work / "raw", "--no-progress",
                    env=env)

@@ -12,41 +12,36 @@ file exists the report is logged to that MLflow run as ``benchmark.<benchmark>.<
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
 
-from distill3r.benchmarks import build_model, run_benchmarks
-from distill3r.config import load_params
-from distill3r.tracking import log_report, read_run_ref
+from distill3r.cli import run_stage, stage_parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--params", default="params.yaml", help="params file")
-    p.add_argument("--checkpoint", help="student folder (needed when models lists student)")
-    p.add_argument("--out", required=True, help="report JSON, e.g. reports/benchmark.json")
-    p.add_argument("--table", help="Markdown table to write, e.g. reports/benchmark.md")
-    p.add_argument("--run-ref", help="MLflow run reference of the train stage (if present)")
-    args = p.parse_args(argv)
-    try:
-        params = load_params(args.params)
-        bp = params.benchmark
-        models = {name: build_model(name, args.checkpoint, params.teacher, bp.device, bp.dtype)
-                  for name in bp.models}
-        report = run_benchmarks(params, models, args.out, args.table)
-    except ValueError as exc:
-        print(f"benchmark: error: {exc}", file=sys.stderr)
-        return 1
+def _benchmark(args, params) -> None:
+    from distill3r.benchmarks import build_model, run_benchmarks
+    from distill3r.tracking import log_report, read_run_ref
+
+    bp = params.benchmark
+    models = {name: build_model(name, args.checkpoint, params.teacher, bp.device, bp.dtype)
+              for name in bp.models}
+    report = run_benchmarks(params, models, args.out, args.table)
     if args.table:
         print(Path(args.table).read_text())
     if args.run_ref and Path(args.run_ref).is_file():
         log_report(report, read_run_ref(args.run_ref), prefix="benchmark")
     elif args.run_ref:
         logging.info("%s not found: the report is not logged to MLflow", args.run_ref)
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--checkpoint", help="student folder (needed when models lists student)")
+    parser.add_argument("--out", required=True, help="report JSON, e.g. reports/benchmark.json")
+    parser.add_argument("--table", help="Markdown table to write, e.g. reports/benchmark.md")
+    parser.add_argument("--run-ref", help="MLflow run reference of the train stage (if present)")
+    return run_stage("benchmark", parser, _benchmark, argv)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ ARGS = {
     "evaluate": ["--checkpoint", "x", "--cache", "x", "--out", "x.json"],
     "infer": ["x", "--checkpoint", "x", "--output-dir", "x"],
     "bench": ["--out", "x.json", "--plot", "x.png"],
+    "benchmark": ["--out", "x.json"],
 }
 
 
