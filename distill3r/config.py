@@ -378,7 +378,8 @@ class BenchParams:
 class RuntimeParams:
     """How every stage uses the CPU (see :mod:`distill3r.runtime`)."""
 
-    threads: Optional[int] = None  # torch threads per process; null: the idle cores
+    threads: Optional[int] = None  # torch threads per process; null: the cores
+    adapt_to_load: bool = False  # null threads: minus the busy cores (not bit-reproducible)
     omp_wait_policy: Literal["passive", "active"] = "passive"  # idle OpenMP threads sleep
 
     def validate(self, where: str = "runtime") -> None:

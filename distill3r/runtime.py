@@ -8,9 +8,15 @@ at every barrier slow each step down many times (on a 2-core machine, demo train
   spinning. OpenMP reads it once, when torch is imported, so :func:`configure_environment` runs
   before the first ``import torch``; a value already in the environment wins.
 - ``runtime.threads`` torch threads, or with null the cores this process may use
-  (``os.sched_getaffinity``) minus the other programs running right now (the kernel's count of
-  runnable tasks, ``/proc/loadavg``), at least 1; divided by the processes sharing the node
-  (CPU DDP ranks).
+  (``os.sched_getaffinity``), divided by the processes sharing the node (CPU DDP ranks). With
+  ``runtime.adapt_to_load`` the other programs running at the start (the kernel's count of
+  runnable tasks, ``/proc/loadavg``) are subtracted first, at least 1.
+
+Measured on the 2-core machine (``scripts/load_throughput.py``, demo training beside one busy
+process): 48% of the unloaded throughput with 2 threads and the passive policy, 80% adapting to
+the load (1 thread). Adapting is off by default because the thread count changes the order of
+floating-point reductions: the same commit and params would then train different weights on a
+busy and on a quiet machine, while a fixed count trains bit-identical ones.
 """
 
 from __future__ import annotations
@@ -47,12 +53,16 @@ def busy_cores(samples: int = 5, interval_s: float = 0.02) -> int:
     return sorted(counts)[len(counts) // 2]
 
 
-def choose_threads(threads: Optional[int], processes: int = 1) -> int:
-    """``threads`` if set, else the idle cores divided between ``processes`` (at least 1)."""
+def choose_threads(threads: Optional[int], processes: int = 1,
+                   adapt_to_load: bool = False) -> int:
+    """``threads`` if set, else the cores (the idle ones with ``adapt_to_load``) divided
+    between ``processes`` (at least 1)."""
     if threads is not None:
         return threads
-    idle = max(1, available_cores() - busy_cores())
-    return max(1, idle // max(1, processes))
+    cores = available_cores()
+    if adapt_to_load:
+        cores = max(1, cores - busy_cores())
+    return max(1, cores // max(1, processes))
 
 
 def configure_environment(params: RuntimeParams) -> None:
@@ -65,6 +75,6 @@ def apply_threads(params: RuntimeParams, processes: int = 1) -> int:
     """Set torch's intra-op thread count (:func:`choose_threads`); returns it."""
     import torch
 
-    count = choose_threads(params.threads, processes)
+    count = choose_threads(params.threads, processes, params.adapt_to_load)
     torch.set_num_threads(count)
     return count

@@ -38,7 +38,7 @@ import torch
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from distill3r.config import Params, TrainParams
+from distill3r.config import Params, RuntimeParams, TrainParams
 from distill3r.devices import bf16_supported
 from distill3r.models import save_student
 from distill3r.runtime import choose_threads
@@ -78,13 +78,12 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return precision
 
 
-def set_threads(threads: Optional[int], trainer: L.Trainer) -> int:
-    """Torch intra-op threads of this process: ``threads`` (``runtime.threads``), or with null
-    the idle cores divided by the CPU ranks of this node (:func:`distill3r.runtime.
-    choose_threads`: OpenMP threads that outnumber the cores slow a step down many times);
-    returns the count in use."""
+def set_threads(runtime: RuntimeParams, trainer: L.Trainer) -> int:
+    """Torch intra-op threads of this process: ``runtime.threads``, or with null the cores
+    divided by the CPU ranks of this node (:func:`distill3r.runtime.choose_threads`: OpenMP
+    threads that outnumber the cores slow a step down many times); returns the count in use."""
     cpu_ranks = trainer.num_devices if isinstance(trainer.accelerator, CPUAccelerator) else 1
-    torch.set_num_threads(choose_threads(threads, cpu_ranks))
+    torch.set_num_threads(choose_threads(runtime.threads, cpu_ranks, runtime.adapt_to_load))
     return torch.get_num_threads()
 
 
@@ -207,7 +206,7 @@ def train(params: Params, cache_dir: str | Path, out_dir: str | Path,
                        None if step_plots is None else Path(step_plots))
     data.check_world(trainer.world_size)
     log.info("rank %d of %d, %d torch thread(s)", trainer.global_rank, trainer.world_size,
-             set_threads(params.runtime.threads, trainer))
+             set_threads(params.runtime, trainer))
     ckpt_path = checkpoints / LAST if resume and (checkpoints / LAST).is_file() else None
     if resume and ckpt_path is None:
         warnings.warn(f"--resume: {checkpoints / LAST} not found, starting from scratch",
