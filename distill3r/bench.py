@@ -41,7 +41,7 @@ from typing import Callable, Optional
 
 import psutil
 import torch
-from distill3r.progress import bar
+from distill3r.progress import progress_bar
 
 from distill3r.config import BenchParams
 from distill3r.devices import autocast, parse_dtype, resolve_device
@@ -229,7 +229,7 @@ def run_cases(cases: list[BenchCase], log: Callable[[str], None] = print,
               progress: bool = False) -> list[dict]:
     """Every case (see :func:`plan_cases`), each in its own process, in order."""
     rows = []
-    for case in bar(cases, desc="bench", unit="row", disable=not progress):
+    for case in progress_bar(cases, desc="bench", unit="row", disable=not progress):
         begin = time.perf_counter()
         row = run_case(case)
         rows.append(row)

@@ -16,9 +16,10 @@ student (``distill3r.models.load_student``) and writes per scene, into ``output_
 Scene discovery: ``images_dir`` holding images is one scene named after the folder; a folder
 with an ``rgb/`` or ``images/`` subfolder of images likewise; otherwise every subfolder that is
 a scene is processed. Views are listed by :func:`distill3r.data.io.scene_images` (natural
-file-name order), the rule of ``kind: images`` sources too, so view 0 is the same image. All views of a scene are resized and centre-cropped (never stretched) to
-one size: long side ``size``, multiples of the model's patch size, the orientation of most
-images (ties: the first image's).
+file-name order), the rule of ``kind: images`` sources too, so view 0 is the same image. All
+views of a scene are resized and centre-cropped (never stretched) to one size: long side
+``size``, multiples of the model's patch size, the orientation of most images (ties: the first
+image's).
 """
 
 from __future__ import annotations

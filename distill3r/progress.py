@@ -1,7 +1,7 @@
 """Progress bars that suit both a terminal and a log file.
 
-On a terminal :func:`bar` is a plain ``tqdm`` bar. When stderr is not a terminal (``dvc repro``
-piping into CI or a log file) the bar is printed as a whole line at most every
+On a terminal :func:`progress_bar` is a plain ``tqdm`` bar. When stderr is not a terminal
+(``dvc repro`` piping into CI or a log file) the bar is printed as a whole line at most every
 ``LOG_INTERVAL_S`` seconds (count, elapsed, ETA and a smoothed rate), instead of carriage-return
 updates that pile up into one endless line.
 """
@@ -29,7 +29,7 @@ class _LineWriter:
         self.stream.flush()
 
 
-def bar(iterable: Any = None, **kwargs: Any):
+def progress_bar(iterable: Any = None, **kwargs: Any):
     """``tqdm(iterable, **kwargs)``, line-per-update when stderr is not a terminal."""
     from tqdm import tqdm
 

@@ -263,7 +263,7 @@ def build_cache(manifest_csv: str | Path, out_dir: str | Path, params, shard_ind
 def _build_part(plan: CachePlan, staging: Path, todo: list, shard_index: int, num_shards: int,
                 progress: bool, clean_out: Path | None) -> int:
     """Write the missing shards of ``todo`` into ``staging``; returns how many were written."""
-    from distill3r.progress import bar
+    from distill3r.progress import progress_bar
 
     root = staging / CACHE_SUBDIR
     with flocked(staging / f"part-{shard_index}-of-{num_shards}.lock",
@@ -274,8 +274,8 @@ def _build_part(plan: CachePlan, staging: Path, todo: list, shard_index: int, nu
             for stale in (root / split).glob(f".{shard_name(n)}.tmp-*"):
                 stale.unlink()
         pending = [t for t in todo if not (root / t[0] / shard_name(t[1])).is_file()]
-        with bar(total=sum(len(t[2]) for t in pending), disable=not progress, unit="sample",
-                  desc=f"cache part {shard_index}/{num_shards}") as bar:
+        with progress_bar(total=sum(len(t[2]) for t in pending), disable=not progress,
+                          unit="sample", desc=f"cache part {shard_index}/{num_shards}") as bar:
             for split, n, samples in pending:
                 write_shard(plan, samples, root / split / shard_name(n), bar)
     return len(pending)

@@ -24,7 +24,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from distill3r.progress import bar
+from distill3r.progress import progress_bar
 
 from distill3r.atomic import replacing
 from distill3r.config import DataParams
@@ -176,7 +176,7 @@ def build_manifest(params: DataParams, out_csv: str | Path, images_dir: str | Pa
     sources, kept = _collect(params, report, progress)
     prepared: list[tuple[Source, Scene, list[FrameRecord]]] = []
     resized = 0
-    for source, scene in bar(kept, desc="manifest", unit="scene", disable=not progress):
+    for source, scene in progress_bar(kept, desc="manifest", unit="scene", disable=not progress):
         try:
             scene_records, scene_resized = _prepare_scene(source, "train", scene, params,
                                                           images_dir)

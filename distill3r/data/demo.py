@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from distill3r.progress import bar
+from distill3r.progress import progress_bar
 
 from distill3r.config import DemoParams
 from distill3r.data.demo_scene import SceneLayout, sample_layout
@@ -251,7 +251,8 @@ def render_demo(out_dir: str | Path, params: DemoParams, progress: bool = True) 
             if not is_complete(out_dir / names[i], params, i)]
     log.info("demo: %d scene(s) to render, %d up to date", len(todo), len(names) - len(todo))
     tasks = [(str(out_dir), params, i) for i in todo]
-    with bar(total=len(tasks), desc="render demo", unit="scene", disable=not progress) as bar:
+    with progress_bar(total=len(tasks), desc="render demo", unit="scene",
+                      disable=not progress) as bar:
         if params.workers <= 1 or len(tasks) <= 1:
             for task in tasks:
                 _task(task)

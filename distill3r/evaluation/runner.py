@@ -216,7 +216,7 @@ def run_evaluation(params: Params, checkpoint: str | Path, cache_dir: str | Path
         ValueError: bad params, a missing or mismatching checkpoint, a missing or empty val
             split, or a cache resolution the student cannot take.
     """
-    from distill3r.progress import bar
+    from distill3r.progress import progress_bar
 
     ep = params.eval
     ep.validate("eval")
@@ -231,7 +231,7 @@ def run_evaluation(params: Params, checkpoint: str | Path, cache_dir: str | Path
     total = total if ep.max_samples is None else min(total, ep.max_samples)
     scored: list[tuple[str, dict[str, dict[str, float]]]] = []
     forward_seconds = 0.0
-    with bar(total=total, desc="evaluate", unit="sample", disable=not progress) as bar:
+    with progress_bar(total=total, desc="evaluate", unit="sample", disable=not progress) as bar:
         for batch in val_batches(cache_dir / "val", ep.batch_size, ep.max_samples):
             preds, seconds = predict_batch(model, batch, device, dtype)
             forward_seconds += seconds

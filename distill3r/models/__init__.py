@@ -13,7 +13,7 @@ from distill3r.models.inputs import images_to_input
 from distill3r.models.student import Student, build_student, count_parameters
 
 __all__ = [
-    "MODEL_CONFIGS", "Student", "checkpoint_fingerprint", "StudentConfig", "build_student", "count_parameters",
-    "get_config", "images_to_input", "load_dune_encoder", "load_student", "save_student",
-    "weights_fingerprint",
+    "MODEL_CONFIGS", "Student", "StudentConfig", "build_student", "checkpoint_fingerprint",
+    "count_parameters", "get_config", "images_to_input", "load_dune_encoder", "load_student",
+    "save_student", "weights_fingerprint",
 ]

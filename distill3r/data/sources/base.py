@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from distill3r.progress import bar
+from distill3r.progress import progress_bar
 
 from distill3r.config import SourceParams, from_dict
 from distill3r.data.io import read_depth
@@ -145,7 +145,7 @@ class Source(ABC):
         if dupes:
             raise ValueError(f"{self.root}: duplicate scene names {dupes[:5]}")
         scenes = []
-        for ref in bar(refs, desc=f"read {self.name}", unit="scene", disable=not progress):
+        for ref in progress_bar(refs, desc=f"read {self.name}", unit="scene", disable=not progress):
             try:
                 scene = self.read_scene(ref)
                 check_scene(scene)
