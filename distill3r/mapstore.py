@@ -7,12 +7,12 @@ mapped file pages count in a process's resident set, so a memmap of all views wo
 peak memory with ``N`` again. The files are standard ``.npy`` (``np.load(path,
 mmap_mode="r")`` opens them).
 
-Float maps are stored as float16; values beyond float16's range become ``inf`` (treated as not
-finite downstream, like any non-finite prediction).
+Point maps are stored as float16 (values beyond its range become ``inf``, treated as not
+finite downstream like any non-finite prediction); confidences as float32, so that the
+confidence percentile and the pixels at or above it are exactly those of the float32 maps.
 
-:class:`Float16Histogram` counts the float16 values of a map (all 65536 bit patterns), which
-makes a percentile over all views exact for the stored values without holding them:
-:meth:`Float16Histogram.percentile` equals ``np.percentile`` (linear method) of the same values.
+:class:`StreamedPercentile` makes that percentile over all views exact without holding the
+values: it equals ``np.percentile`` (linear method) of the same float32 values.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
 class StoredArray:
@@ -90,7 +89,7 @@ class MapStore:
                              f"views of shape {shape[1:]}")
         if written + len(chunk) > shape[0]:
             raise ValueError(f"{self.folder / name}.npy: more than {shape[0]} views written")
-        with np.errstate(over="ignore"):
+        with np.errstate(over="ignore", invalid="ignore"):
             fh.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
         entry[4] = written + len(chunk)
 
@@ -127,49 +126,64 @@ class MapStore:
             pass
 
 
-# every float16 value by bit pattern, and the order of the non-NaN ones
-_ALL_F16 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
-_ORDER = np.argsort(_ALL_F16.astype(np.float64), kind="stable")
-_ORDER = _ORDER[~np.isnan(_ALL_F16[_ORDER])]
+def _keys(values: np.ndarray) -> np.ndarray:
+    """float32 values -> uint32 keys in the same order (sign-flipped bit patterns)."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).reshape(-1).view(np.uint32)
+    return np.where(bits >> 31, ~bits, bits | np.uint32(0x80000000))
 
 
-class Float16Histogram:
-    """Counts of float16 values (by bit pattern), added view by view; NaNs are never counted."""
+def _value(key: int) -> np.float32:
+    bits = np.uint32(key & 0x7FFFFFFF) if key >> 31 else np.uint32(~np.uint32(key))
+    return np.array([bits], np.uint32).view(np.float32)[0]
+
+
+class StreamedPercentile:
+    """``np.percentile(values, q)`` (method ``linear``, float32 values) of values met in pieces,
+    exactly, in two passes of 65536-bin histograms (a radix select on the float32 bit patterns):
+
+    1. ``add(values)`` for every piece: counts of the high 16 bits of the order-preserving keys;
+    2. ``plan(q)`` names the high bins holding the two order statistics the percentile
+       interpolates; ``refine(values)`` for every piece again counts the low 16 bits of the
+       values in those bins; ``result()`` is the percentile (as a float).
+
+    Memory is four histograms whatever the number of values; NaNs must not be added."""
 
     def __init__(self) -> None:
-        self.counts = np.zeros(65536, dtype=np.int64)
+        self.high = np.zeros(65536, dtype=np.int64)
+        self._low: dict[int, np.ndarray] = {}
 
     def add(self, values: np.ndarray) -> None:
-        """Count ``values`` (any shape; converted to float16 as the store does)."""
-        with np.errstate(over="ignore"):
-            bits = np.ascontiguousarray(values, dtype=np.float16).reshape(-1).view(np.uint16)
-        self.counts += np.bincount(bits, minlength=65536)
+        self.high += np.bincount(_keys(values) >> 16, minlength=65536)
 
     @property
     def total(self) -> int:
-        return int(self.counts[_ORDER].sum())
+        return int(self.high.sum())
 
-    def count_at_least(self, threshold: float) -> int:
-        """How many counted values are ``>= threshold``."""
-        values = _ALL_F16.astype(np.float64)
-        return int(self.counts[~np.isnan(values) & (values >= threshold)].sum())
-
-    def percentile(self, q: float) -> float:
-        """``np.percentile(values, q)`` (method ``linear``) of every value added, as float64;
-        ``ValueError`` if nothing was counted."""
-        counts = self.counts[_ORDER]
-        n = int(counts.sum())
+    def plan(self, q: float) -> None:
+        n = self.total
         if n == 0:
-            raise ValueError("percentile of an empty histogram")
-        cum = np.cumsum(counts)
-        virtual = (n - 1) * (np.float64(q) / 100.0)
+            raise ValueError("percentile of no values")
+        virtual = (n - 1) * (np.float64(q) / 100.0)  # numpy's linear method
         lo = min(max(int(np.floor(virtual)), 0), n - 1)
-        hi = min(lo + 1, n - 1)
+        self._ranks = (lo, min(lo + 1, n - 1))
+        self._gamma = float(virtual - lo)
+        cum = np.cumsum(self.high)
+        self._bins = [int(np.searchsorted(cum, k, side="right")) for k in self._ranks]
+        self._before = [int(cum[b] - self.high[b]) for b in self._bins]
+        self._low = {b: np.zeros(65536, dtype=np.int64) for b in self._bins}
 
-        def ranked(k: int) -> float:  # the k-th smallest value (0-based)
-            return float(_ALL_F16[_ORDER[np.searchsorted(cum, k, side="right")]])
+    def refine(self, values: np.ndarray) -> None:
+        keys = _keys(values)
+        high = keys >> 16
+        for b, counts in self._low.items():
+            counts += np.bincount(keys[high == b] & 0xFFFF, minlength=65536)
 
-        a, b = ranked(lo), ranked(hi)
-        t = virtual - lo
-        # numpy's _lerp: a + (b - a) t, computed from b's side for t >= 0.5
-        return float(b - (b - a) * (1 - t)) if t >= 0.5 else float(a + (b - a) * t)
+    def result(self) -> float:
+        ranked = []
+        for rank, b, before in zip(self._ranks, self._bins, self._before):
+            low = int(np.searchsorted(np.cumsum(self._low[b]), rank - before, side="right"))
+            ranked.append(_value((b << 16) | low))
+        a, b = ranked
+        t = self._gamma  # numpy's _lerp in the values' dtype (float32), from b for t >= 0.5
+        diff = b - a
+        return float(b - diff * (1 - t)) if t >= 0.5 else float(a + diff * t)

@@ -79,6 +79,14 @@ class Student(nn.Module):
         maps = self.run_heads(feats, grid, (height, width))
         return {k: v.view(b, n, *v.shape[1:]) for k, v in maps.items()}
 
+    def forward_stream(self, images, device: torch.device, dtype: torch.dtype, sink,
+                       view_chunk: int = 8, token_chunk: int = 8192) -> None:
+        """One scene's views ``[N,H,W,3]`` uint8 in bounded memory, the maps handed to
+        ``sink(start, maps)`` per view chunk: :func:`distill3r.streaming.stream_forward`."""
+        from distill3r.streaming import stream_forward  # lazy: streaming imports the models
+
+        stream_forward(self, images, device, dtype, sink, view_chunk, token_chunk)
+
     def run_heads(self, feats: list[torch.Tensor], grid: tuple[int, int],
                   size: tuple[int, int]) -> dict[str, torch.Tensor]:
         """Both heads on hooked tokens ``feats`` (4 x ``[V, P, C_k]``) -> float32
