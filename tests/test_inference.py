@@ -263,6 +263,11 @@ def test_inference_cameras_are_the_poses_evaluation_scores(tmp_path):
     keep, _ = confident_pixels(pred32["xyz_global"], pred32["conf_local"], 10.0)
     cams = estimate_cameras(pred32, keep, params.pnp_reprojection_px, params.seed)
     np.testing.assert_allclose(c2w, cams.c2w, atol=1e-6)
+    full = {k: np.asarray(v, np.float32).astype(np.float64) for k, v in pred.items()}
+    unrounded = estimate_cameras(full, confident_pixels(full["xyz_global"], full["conf_local"],
+                                                        10.0)[0], params.pnp_reprojection_px,
+                                 params.seed)
+    np.testing.assert_allclose(c2w, unrounded.c2w, atol=2e-3)  # float16 storage costs little
     # evaluation scores exactly these poses
     scores = evaluate_sample(pred32, gt, pnp_reprojection_px=params.pnp_reprojection_px,
                              seed=params.seed, conf_percentile=params.conf_percentile)
