@@ -326,6 +326,9 @@ class InferParams:
     pnp_reprojection_px: float = 5.0  # camera estimation (PnP-RANSAC inlier threshold)
     preview_views: int = 6  # views shown in the preview PNG
     seed: int = 0
+    view_chunk: int = 8  # views per encoder / DPT-head chunk (streamed inference)
+    token_chunk: int = 8192  # decoder tokens per chunk outside attention's keys and values
+    scratch_dir: Optional[str] = None  # per-view float16 map store; null: the system temp
 
     def validate(self, where: str = "infer") -> None:
         check_choices(self, where)

@@ -10,7 +10,9 @@ Points are in view 0's camera frame (OpenCV: x right, y down, z forward).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -25,36 +27,74 @@ _PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short":
               "float64": "f8"}
 
 
+def _ply_header(count: int, colors: bool) -> bytes:
+    header = ["ply", "format binary_little_endian 1.0", "comment written by distill3r",
+              f"element vertex {count}", "property float x", "property float y",
+              "property float z"]
+    if colors:
+        header += ["property uchar red", "property uchar green", "property uchar blue"]
+    header.append("end_header")
+    return ("\n".join(header) + "\n").encode("ascii")
+
+
+class PlyStream:
+    """Appends vertices to an open binary PLY whose header announced ``count`` of them."""
+
+    def __init__(self, fh, path: Path, count: int, colors: bool) -> None:
+        self._fh, self.path, self.count, self.colors, self.written = fh, path, count, colors, 0
+        fields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")]
+        if colors:
+            fields += [("red", "u1"), ("green", "u1"), ("blue", "u1")]
+        self._dtype = np.dtype(fields)
+
+    def write(self, points: np.ndarray, colors: np.ndarray | None = None) -> None:
+        """Append ``points [M,3]`` (stored float32) and ``colors [M,3]`` uint8 (required
+        when the file has colours)."""
+        points = np.asarray(points)
+        if points.ndim != 2 or points.shape[1] != 3:
+            raise ValueError(f"{self.path}: points must be [M,3], got {points.shape}")
+        if self.colors:
+            colors = np.asarray(colors) if colors is not None else None
+            if colors is None or colors.shape != points.shape:
+                raise ValueError(f"{self.path}: colors {None if colors is None else colors.shape}"
+                                 f" do not match points {points.shape}")
+            if colors.dtype != np.uint8:
+                raise ValueError(f"{self.path}: colors must be uint8, got {colors.dtype}")
+        if self.written + len(points) > self.count:
+            raise ValueError(f"{self.path}: more than the {self.count} vertices announced")
+        data = np.empty(len(points), dtype=self._dtype)
+        for axis, name in enumerate("xyz"):
+            data[name] = points[:, axis]
+        if self.colors:
+            for axis, name in enumerate(("red", "green", "blue")):
+                data[name] = colors[:, axis]
+        self._fh.write(data.tobytes())
+        self.written += len(points)
+
+
+@contextlib.contextmanager
+def ply_writer(path: str | Path, count: int, colors: bool = True) -> Iterator[PlyStream]:
+    """Write a binary PLY of ``count`` vertices incrementally: yields a :class:`PlyStream`;
+    the file is written under a temporary name and renamed to ``path`` only when the block
+    ends without an error and exactly ``count`` vertices were written (an interrupted or
+    killed writer never leaves a partial file under ``path``)."""
+    path = Path(path)
+    with replacing(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(_ply_header(count, colors))
+        stream = PlyStream(fh, path, count, colors)
+        yield stream
+        if stream.written != count:
+            raise ValueError(f"{path}: {stream.written} vertices written, {count} announced")
+
+
 def write_ply(path: str | Path, points: np.ndarray, colors: np.ndarray | None = None) -> None:
     """Write ``points [M,3]`` (stored float32) and optional ``colors [M,3]`` uint8 as a
     binary little-endian PLY (written to a temporary name, then renamed)."""
-    path = Path(path)
     points = np.asarray(points)
     if points.ndim != 2 or points.shape[1] != 3:
         raise ValueError(f"{path}: points must be [M,3], got {points.shape}")
-    fields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")]
-    if colors is not None:
-        colors = np.asarray(colors)
-        if colors.shape != points.shape:
-            raise ValueError(f"{path}: colors {colors.shape} do not match points {points.shape}")
-        if colors.dtype != np.uint8:
-            raise ValueError(f"{path}: colors must be uint8, got {colors.dtype}")
-        fields += [("red", "u1"), ("green", "u1"), ("blue", "u1")]
-    data = np.empty(len(points), dtype=fields)
-    for axis, name in enumerate("xyz"):
-        data[name] = points[:, axis]
-    if colors is not None:
-        for axis, name in enumerate(("red", "green", "blue")):
-            data[name] = colors[:, axis]
-    header = ["ply", "format binary_little_endian 1.0", "comment written by distill3r",
-              f"element vertex {len(points)}", "property float x", "property float y",
-              "property float z"]
-    if colors is not None:
-        header += ["property uchar red", "property uchar green", "property uchar blue"]
-    header.append("end_header")
-    with replacing(path) as tmp, open(tmp, "wb") as fh:
-        fh.write(("\n".join(header) + "\n").encode("ascii"))
-        fh.write(data.tobytes())
+    with ply_writer(path, len(points), colors is not None) as ply:
+        ply.write(points, colors)
 
 
 def _parse_ply_header(fh, path: Path) -> tuple[str, int, list[tuple[str, str]]]:
@@ -179,7 +219,8 @@ def _label(tile: np.ndarray, text: str) -> np.ndarray:
 
 def preview_image(images: np.ndarray, depth: np.ndarray, conf: np.ndarray, points: np.ndarray,
                   colors: np.ndarray, K: np.ndarray, max_views: int = 6,
-                  tile_width: int = 160, max_render_points: int = 100_000) -> np.ndarray:
+                  tile_width: int = 160, max_render_points: int = 100_000,
+                  view_ids: list[int] | None = None) -> np.ndarray:
     """One RGB uint8 image: the cloud render on top, then per view image | depth | confidence.
 
     Args:
@@ -188,6 +229,9 @@ def preview_image(images: np.ndarray, depth: np.ndarray, conf: np.ndarray, point
         K: ``[3,3]`` intrinsics of the inputs (the render widens it a little).
         max_views: at most this many views (evenly spaced) get a row.
         max_render_points: the render uses every k-th point beyond this many.
+        view_ids: when given, ``images``, ``depth`` and ``conf`` hold only these views (their
+            indices in the scene); each gets a row (``max_views`` is ignored) and the
+            confidence colour range comes from them.
     """
     N, H, W = depth.shape
     th = max(1, int(round(tile_width * H / W)))
@@ -207,16 +251,24 @@ def preview_image(images: np.ndarray, depth: np.ndarray, conf: np.ndarray, point
     c_ok = np.isfinite(log_conf)
     c_lo = float(np.percentile(log_conf[c_ok], 2)) if c_ok.any() else 0.0
     c_hi = float(np.percentile(log_conf[c_ok], 98)) if c_ok.any() else 1.0
-    for i in np.unique(np.linspace(0, N - 1, min(N, max_views)).round().astype(int)):
+    rows_of = (preview_views(N, max_views) if view_ids is None else range(N))
+    for i in rows_of:
         d_ok = np.isfinite(depth[i]) & (depth[i] > 0)
         tiles = [images[i], colorize(depth[i], d_ok, "turbo"),
                  colorize(log_conf[i], c_ok[i], "magma", c_lo, c_hi)]
         tiles = [cv2.resize(np.ascontiguousarray(t), (tile_width, th),
                             interpolation=cv2.INTER_AREA) for t in tiles]
-        for t, name in zip(tiles, (f"view {i}", "depth", "confidence")):
+        label = i if view_ids is None else view_ids[i]
+        for t, name in zip(tiles, (f"view {label}", "depth", "confidence")):
             _label(t, name)
         rows.append(np.concatenate(tiles, axis=1))
     return np.concatenate(rows, axis=0)
+
+
+def preview_views(views: int, max_views: int) -> list[int]:
+    """The (at most ``max_views``, evenly spaced) views a preview shows."""
+    return [int(i) for i in np.unique(np.linspace(0, views - 1, min(views, max_views))
+                                      .round().astype(int))]
 
 
 def write_preview(path: str | Path, *args, **kwargs) -> None:

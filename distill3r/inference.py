@@ -25,6 +25,7 @@ image's).
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,12 +39,12 @@ from distill3r.data.io import (IMAGE_SUBFOLDERS, IMAGE_SUFFIXES, is_image_file, 
                                read_image, scene_images)
 from distill3r.data.view import fit_size, resize_crop
 from distill3r.devices import autocast, resolve_device, resolve_dtype
-from distill3r.evaluation.metrics import subsample_indices
-from distill3r.evaluation.poses import confident_pixels, estimate_cameras
+from distill3r.evaluation.poses import estimate_cameras
 from distill3r.models.checkpoint import checkpoint_fingerprint
 from distill3r.models.inputs import images_to_input
-from distill3r.export import write_ply, write_preview
+from distill3r.export import ply_writer, preview_views, write_preview
 from distill3r.jsonio import write_json
+from distill3r.mapstore import MapStore, StoredArray, StreamedPercentile
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,22 @@ def _shrink(image: np.ndarray, min_side: int) -> np.ndarray:
                       interpolation=cv2.INTER_AREA)
 
 
+def _target_size(sizes: list[tuple[int, int]], size: int, multiple: int) -> tuple[int, int]:
+    """The common ``(H, W)``: the orientation of most images (ties: the first image's)."""
+    portrait = [h > w for h, w in sizes]
+    n_portrait = sum(portrait)
+    if 2 * n_portrait == len(sizes):
+        want_portrait = portrait[0]
+    else:
+        want_portrait = 2 * n_portrait > len(sizes)
+    ref = next(i for i, p in enumerate(portrait) if p == want_portrait)
+    H, W = fit_size(*sizes[ref], size, multiple)
+    if 0 < n_portrait < len(sizes):
+        log.warning("mixed portrait and landscape images: all are centre-cropped to %dx%d (HxW)",
+                    H, W)
+    return H, W
+
+
 def load_views(paths: list[Path], size: int, multiple: int) -> tuple[np.ndarray, list]:
     """Read, resize and centre-crop images to one common size.
 
@@ -115,19 +132,22 @@ def load_views(paths: list[Path], size: int, multiple: int) -> tuple[np.ndarray,
         img = read_image(p)
         sizes.append(img.shape[:2])
         raw.append(_shrink(img, size + multiple))
-    portrait = [h > w for h, w in sizes]
-    n_portrait = sum(portrait)
-    if 2 * n_portrait == len(sizes):
-        want_portrait = portrait[0]
-    else:
-        want_portrait = 2 * n_portrait > len(sizes)
-    ref = next(i for i, p in enumerate(portrait) if p == want_portrait)
-    H, W = fit_size(*sizes[ref], size, multiple)
-    if 0 < n_portrait < len(sizes):
-        log.warning("mixed portrait and landscape images: all are centre-cropped to %dx%d (HxW)",
-                    H, W)
-    images = np.stack([resize_crop(img, (H, W))[0] for img in raw])
-    return images, sizes
+    hw = _target_size(sizes, size, multiple)
+    return np.stack([resize_crop(img, hw)[0] for img in raw]), sizes
+
+
+def store_views(paths: list[Path], size: int, multiple: int, store: MapStore
+                ) -> tuple[StoredArray, list]:
+    """:func:`load_views` into ``store`` (map ``images``) one image at a time: every image is
+    read twice (sizes first, then the crop), none is held beyond its own turn."""
+    if not paths:
+        raise ValueError("no images to load")
+    sizes = [read_image(p).shape[:2] for p in paths]
+    H, W = _target_size(sizes, size, multiple)
+    store.create("images", (len(paths), H, W, 3), np.uint8)
+    for p in paths:
+        store.append("images", resize_crop(_shrink(read_image(p), size + multiple), (H, W))[0][None])
+    return store["images"], sizes
 
 
 def predict(model: torch.nn.Module, images: np.ndarray, device: torch.device,
@@ -141,61 +161,186 @@ def predict(model: torch.nn.Module, images: np.ndarray, device: torch.device,
             ("xyz_global", "xyz_local", "conf_global", "conf_local")}
 
 
+class PointCap:
+    """A uniformly random subset of exactly ``min(total, max_points)`` of ``total`` items
+    met view by view (deterministic for ``seed``): ``take(count)`` -> sorted indices of the
+    items kept among the next ``count``. Per view, the number kept is a hypergeometric draw
+    given what remains, then the items are a random subset of that size, so nothing of size
+    ``total`` is ever held."""
+
+    def __init__(self, total: int, max_points: int | None, seed: int) -> None:
+        self.rest = int(total)
+        self.want = self.rest if max_points is None else min(self.rest, int(max_points))
+        self.rng = np.random.default_rng(seed)
+
+    def take(self, count: int) -> np.ndarray:
+        if count > self.rest:
+            raise ValueError(f"PointCap: {count} items offered, only {self.rest} announced")
+        if self.want == self.rest:
+            m = count
+        elif count == 0 or self.want == 0:
+            m = 0
+        else:
+            m = int(self.rng.hypergeometric(count, self.rest - count, self.want))
+        self.rest -= count
+        self.want -= m
+        if m == count:
+            return np.arange(count)
+        return np.sort(self.rng.choice(count, size=m, replace=False))
+
+
 def select_points(xyz_global: np.ndarray, keep: np.ndarray, images: np.ndarray,
                   max_points: int | None = None, seed: int = 0):
-    """The points of the ``keep`` pixels (see :func:`confident_pixels`), coloured.
+    """The points of the ``keep`` pixels (see
+    :func:`distill3r.evaluation.poses.confident_pixels`), coloured.
 
     Args:
         xyz_global: ``[N,H,W,3]``; keep: ``[N,H,W]`` bool; images: ``[N,H,W,3]`` uint8.
-        max_points: cap on the result (deterministic subset with ``seed``).
+        max_points: cap on the result (the :class:`PointCap` subset for ``seed``, the one
+            streamed inference takes).
     Returns:
         ``(points [M,3] float32, colors [M,3] uint8, exported [N,H,W] bool)``.
     """
-    idx = np.flatnonzero(keep)
-    if max_points is not None and len(idx) > max_points:
-        idx = idx[subsample_indices(len(idx), max_points, seed)]
-        keep = np.zeros(keep.size, bool)
-        keep[idx] = True
-        keep = keep.reshape(xyz_global.shape[:3])
-    points = xyz_global.reshape(-1, 3)[idx].astype(np.float32)
-    colors = images.reshape(-1, 3)[idx]
-    return points, colors, keep
+    cap = PointCap(int(keep.sum()), max_points, seed)
+    exported = np.zeros(keep.shape, bool)
+    for i in range(len(keep)):
+        idx = np.flatnonzero(keep[i])
+        exported[i].reshape(-1)[idx[cap.take(len(idx))]] = True
+    return (xyz_global[exported].astype(np.float32), images[exported], exported)
+
+
+MAPS = {"xyz_global": (3, np.float16), "xyz_local": (3, np.float16),
+        "conf_global": (0, np.float32), "conf_local": (0, np.float32)}
+
+
+class KeptPixels:
+    """The ``keep [N,H,W]`` mask of :func:`distill3r.evaluation.poses.confident_pixels` for
+    stored maps, computed one view at a time: finite global point, finite local confidence at
+    or above ``threshold``."""
+
+    def __init__(self, store: MapStore, threshold: float) -> None:
+        self.xyz, self.conf, self.threshold = store["xyz_global"], store["conf_local"], threshold
+        self.shape = self.conf.shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        conf = self.conf[i]
+        return np.isfinite(self.xyz[i]).all(-1) & np.isfinite(conf) & (conf >= self.threshold)
+
+
+def _forward_to_store(model, images: StoredArray, store: MapStore, params: InferParams,
+                      device: torch.device, dtype: torch.dtype) -> StreamedPercentile:
+    """Stream the model over ``images`` into the maps of ``store`` (:data:`MAPS`); returns the
+    first pass of the local-confidence percentile over pixels with finite stored points."""
+    n, H, W = images.shape[:3]
+    for name, (channels, kind) in MAPS.items():
+        store.create(name, (n, H, W) + ((channels,) if channels else ()), kind)
+    pct = StreamedPercentile()
+
+    def sink(start: int, maps: dict[str, np.ndarray]) -> None:
+        for name in MAPS:
+            store.append(name, maps[name])
+        xyz = store_dtype_view(maps["xyz_global"])
+        conf = maps["conf_local"]
+        pct.add(conf[np.isfinite(xyz).all(-1) & np.isfinite(conf)])
+
+    model.forward_stream(images, device, dtype, sink, params.view_chunk, params.token_chunk)
+    store.close()
+    return pct
+
+
+def store_dtype_view(xyz: np.ndarray) -> np.ndarray:
+    """Points as the store keeps them (float16, ``inf`` beyond its range)."""
+    with np.errstate(over="ignore"):
+        return xyz.astype(np.float16)
+
+
+def _threshold(store: MapStore, pct: StreamedPercentile, percentile: float) -> float:
+    """Second pass of the exact percentile over the stored maps."""
+    pct.plan(percentile)
+    xyz, conf = store["xyz_global"], store["conf_local"]
+    for i in range(len(conf)):
+        c = conf[i]
+        pct.refine(c[np.isfinite(xyz[i]).all(-1) & np.isfinite(c)])
+    return pct.result()
+
+
+def _export_points(path: Path, store: MapStore, keep: KeptPixels, count: int,
+                   params: InferParams, render_points: int = 100_000):
+    """Write the kept (capped) points of every view to the PLY at ``path``, one view at a
+    time; returns ``(points written, every k-th point and colour for the preview render)``."""
+    cap = PointCap(count, params.max_points, params.seed)
+    step = max(1, -(-min(count, params.max_points or count) // render_points))
+    sample_p, sample_c, written = [], [], 0
+    with ply_writer(path, cap.want, colors=True) as ply:
+        for i in range(len(keep)):
+            idx = np.flatnonzero(keep[i])
+            idx = idx[cap.take(len(idx))]
+            points = store["xyz_global"][i].reshape(-1, 3)[idx].astype(np.float32)
+            colors = store["images"][i].reshape(-1, 3)[idx]
+            ply.write(points, colors)
+            first = (-written) % step
+            sample_p.append(points[first::step])
+            sample_c.append(colors[first::step])
+            written += len(points)
+    return written, np.concatenate(sample_p), np.concatenate(sample_c)
 
 
 def reconstruct_scene(model: torch.nn.Module, scene: Scene, output_dir: str | Path,
                       params: InferParams, device: torch.device,
                       checkpoint: str | Path | None = None) -> dict:
-    """Reconstruct one scene and write its four outputs; returns the info dict."""
+    """Reconstruct one scene, streamed (:mod:`distill3r.models.streaming`, maps in a float16
+    :class:`~distill3r.mapstore.MapStore` under ``params.scratch_dir``, removed at the end),
+    and write its four outputs; returns the info dict."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"distill3r-{scene.name}-",
+                                     dir=params.scratch_dir) as scratch:
+        store = MapStore(scratch)
+        try:
+            return _reconstruct(model, scene, out, params, device, checkpoint, store)
+        finally:
+            store.remove()
+
+
+def _reconstruct(model, scene: Scene, out: Path, params: InferParams, device: torch.device,
+                 checkpoint, store: MapStore) -> dict:
     t0 = time.perf_counter()
     patch = int(getattr(model, "patch_size", 14))
-    images, sizes = load_views(scene.images, params.size, patch)
+    images, sizes = store_views(scene.images, params.size, patch, store)
     t1 = time.perf_counter()
     dtype = resolve_dtype(params.dtype, device)
-    pred = predict(model, images, device, dtype)
+    pct = _forward_to_store(model, images, store, params, device, dtype)
     t2 = time.perf_counter()
-    keep, threshold = confident_pixels(pred["xyz_global"], pred["conf_local"],
-                                       params.conf_percentile)
-    points, colors, _ = select_points(pred["xyz_global"], keep, images, params.max_points,
-                                      params.seed)
-    if len(points) == 0:
+    if not 0 <= params.conf_percentile <= 100:
+        raise ValueError(f"conf_percentile must be in [0, 100], got {params.conf_percentile}")
+    if pct.total == 0:
         raise ValueError(f"{scene.name}: the model predicted no finite points")
-    cams = estimate_cameras(pred, keep, params.pnp_reprojection_px, params.seed)
-    K, c2w, methods = cams.K, cams.c2w, cams.methods
-    t3 = time.perf_counter()
-    N, H, W = keep.shape
+    threshold = _threshold(store, pct, params.conf_percentile)
+    keep = KeptPixels(store, threshold)
+    count = sum(int(keep[i].sum()) for i in range(len(keep)))
     files = {k: out / f"{scene.name}_{k}" for k in
              ("student.ply", "cameras.json", "info.json", "preview.png")}
-    write_ply(files["student.ply"], points, colors)
+    kept, render_p, render_c = _export_points(files["student.ply"], store, keep,
+                                              count, params)
+    t3 = time.perf_counter()
+    cams = estimate_cameras(store, keep, params.pnp_reprojection_px, params.seed)
+    K, c2w, methods = cams.K, cams.c2w, cams.methods
+    N, H, W = keep.shape
     cameras = {"scene": scene.name, "width": W, "height": H,
                "note": "K at the processed resolution; c2w in view 0's camera frame, model scale",
                "frames": [{"frame": i, "image": p.name, "source_size": list(sizes[i]),
                            "K": K.tolist(), "c2w": c2w[i].tolist(), "pose_method": methods[i]}
                           for i, p in enumerate(scene.images)]}
     write_json(files["cameras.json"], cameras)
-    write_preview(files["preview.png"], images, pred["xyz_local"][..., 2], pred["conf_local"],
-                  points, colors, K, max_views=params.preview_views)
+    shown = preview_views(N, params.preview_views)
+    write_preview(files["preview.png"], np.stack([images[i] for i in shown]),
+                  np.stack([store["xyz_local"][i][..., 2] for i in shown]).astype(np.float32),
+                  np.stack([store["conf_local"][i] for i in shown]).astype(np.float32),
+                  render_p, render_c, K, max_render_points=max(1, len(render_p)),
+                  view_ids=shown)
     t4 = time.perf_counter()
     config = getattr(model, "config", None)
     info = {
@@ -206,10 +351,10 @@ def reconstruct_scene(model: torch.nn.Module, scene: Scene, output_dir: str | Pa
         "model": getattr(config, "name", None), "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
         "conf_percentile": params.conf_percentile, "conf_threshold": threshold,
-        "points_total": int(N * H * W), "points_kept": int(len(points)),
+        "points_total": int(N * H * W), "points_kept": int(kept),
         "focal_px": float(K[0, 0]), "pose_methods": methods,
-        "timings_s": {"load": t1 - t0, "forward": t2 - t1, "points_and_poses": t3 - t2,
-                      "export": t4 - t3, "total": t4 - t0},
+        "timings_s": {"load": t1 - t0, "forward": t2 - t1, "points": t3 - t2,
+                      "poses_and_preview": t4 - t3, "total": t4 - t0},
         "outputs": {k: str(v) for k, v in files.items()},
     }
     write_json(files["info.json"], info)

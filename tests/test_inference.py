@@ -223,6 +223,11 @@ class FixedPrediction(torch.nn.Module):
     def forward(self, images):
         return self.pred
 
+    def forward_stream(self, images, device, dtype, sink, view_chunk, token_chunk):
+        for start in range(0, len(images), view_chunk):
+            sink(start, {k: v[0, start:start + view_chunk].numpy() for k, v in
+                         self.pred.items()})
+
 
 def test_inference_cameras_are_the_poses_evaluation_scores(tmp_path):
     from boxroom import camera, random_scene, render_view
@@ -252,10 +257,17 @@ def test_inference_cameras_are_the_poses_evaluation_scores(tmp_path):
     c2w = np.array([f["c2w"] for f in written])
     np.testing.assert_array_equal(c2w[0], np.eye(4))  # the global frame is view 0's camera
     assert written[0]["pose_method"] == "identity"
-    pred32 = {k: np.asarray(v, np.float32).astype(np.float64) for k, v in pred.items()}
+    stored = {"xyz_global": np.float16, "xyz_local": np.float16}  # the map store's dtypes
+    pred32 = {k: np.asarray(v, np.float32).astype(stored.get(k, np.float32)).astype(np.float64)
+              for k, v in pred.items()}
     keep, _ = confident_pixels(pred32["xyz_global"], pred32["conf_local"], 10.0)
     cams = estimate_cameras(pred32, keep, params.pnp_reprojection_px, params.seed)
     np.testing.assert_allclose(c2w, cams.c2w, atol=1e-6)
+    full = {k: np.asarray(v, np.float32).astype(np.float64) for k, v in pred.items()}
+    unrounded = estimate_cameras(full, confident_pixels(full["xyz_global"], full["conf_local"],
+                                                        10.0)[0], params.pnp_reprojection_px,
+                                 params.seed)
+    np.testing.assert_allclose(c2w, unrounded.c2w, atol=2e-3)  # float16 storage costs little
     # evaluation scores exactly these poses
     scores = evaluate_sample(pred32, gt, pnp_reprojection_px=params.pnp_reprojection_px,
                              seed=params.seed, conf_percentile=params.conf_percentile)

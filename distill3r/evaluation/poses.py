@@ -181,10 +181,13 @@ def estimate_cameras(pred: Mapping[str, np.ndarray], keep: np.ndarray,
     """Cameras from predicted maps (``xyz_global``, ``xyz_local`` ``[N,H,W,3]``,
     ``conf_local [N,H,W]``) on the ``keep [N,H,W]`` pixels (see the module docstring).
 
+    The maps and ``keep`` are only read one view at a time (``a[i]``, ``a.shape``), each view
+    converted to float64 on its own, so disk-backed maps
+    (:class:`distill3r.mapstore.StoredArray`) work at any number of views.
     When view 0 has no usable point in front of it the focal is ``max(H, W)`` (about 53
     degrees of field of view), with a warning."""
     N, H, W = keep.shape
-    glob = np.asarray(pred["xyz_global"], np.float64)
+    glob = pred["xyz_global"]
     try:
         focal = estimate_focal(glob[0], keep[0])
     except ValueError:
@@ -194,12 +197,14 @@ def estimate_cameras(pred: Mapping[str, np.ndarray], keep: np.ndarray,
     c2w, ok = pnp_poses(glob, K, keep, reprojection_px, seed=seed)
     c2w[0], ok[0] = np.eye(4), True
     methods = ["identity"] + ["pnp" if o else "procrustes" for o in ok[1:]]
-    if not ok.all():
-        c2w_pro, _ = procrustes_poses(np.asarray(pred["xyz_local"], np.float64), glob,
-                                      np.asarray(pred["conf_local"], np.float64), keep)
-        c2w[~ok] = c2w_pro[~ok]
+    failed = np.flatnonzero(~ok)
+    for i in failed:
+        one = [np.asarray(pred[k][i], np.float64)[None] for k in ("xyz_local", "xyz_global",
+                                                                  "conf_local")]
+        c2w[i] = procrustes_poses(*one, np.asarray(keep[i])[None])[0][0]
+    if len(failed):
         log.warning("PnP failed for view(s) %s: Procrustes poses used",
-                    ", ".join(str(i) for i in np.flatnonzero(~ok)))
+                    ", ".join(str(i) for i in failed))
     return Cameras(K, c2w, methods)
 
 

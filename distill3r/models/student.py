@@ -76,11 +76,24 @@ class Student(nn.Module):
         dec = self.decoder(enc.view(b, n, enc.shape[1], enc.shape[2]), dec_blocks)
         dec_iter = iter(dec)
         feats = [enc if k == 0 else next(dec_iter).flatten(0, 1) for k in self.config.hooks]
+        maps = self.run_heads(feats, grid, (height, width))
+        return {k: v.view(b, n, *v.shape[1:]) for k, v in maps.items()}
+
+    def forward_stream(self, images, device: torch.device, dtype: torch.dtype, sink,
+                       view_chunk: int = 8, token_chunk: int = 8192) -> None:
+        """One scene's views ``[N,H,W,3]`` uint8 in bounded memory, the maps handed to
+        ``sink(start, maps)`` per view chunk: :func:`distill3r.models.streaming.stream_forward`."""
+        from distill3r.models.streaming import stream_forward  # lazy: streaming imports the models
+
+        stream_forward(self, images, device, dtype, sink, view_chunk, token_chunk)
+
+    def run_heads(self, feats: list[torch.Tensor], grid: tuple[int, int],
+                  size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """Both heads on hooked tokens ``feats`` (4 x ``[V, P, C_k]``) -> float32
+        ``xyz_global, xyz_local [V,H,W,3]``, ``conf_global, conf_local [V,H,W]``."""
         out = {}
         for name, head in (("global", self.head_global), ("local", self.head_local)):
-            xyz, conf = self._run_head(head, feats, grid, (height, width))
-            out[f"xyz_{name}"] = xyz.view(b, n, height, width, 3)
-            out[f"conf_{name}"] = conf.view(b, n, height, width)
+            out[f"xyz_{name}"], out[f"conf_{name}"] = self._run_head(head, feats, grid, size)
         return out
 
     def _run_head(self, head: DPTHead, feats: list[torch.Tensor], grid: tuple[int, int],
