@@ -337,7 +337,9 @@ class InferParams:
                   ("conf_percentile", 0 <= self.conf_percentile <= 100, "must be in [0, 100]"),
                   ("max_points", self.max_points >= 1, "must be >= 1"),
                   ("pnp_reprojection_px", self.pnp_reprojection_px > 0, "must be > 0"),
-                  ("preview_views", self.preview_views >= 0, "must be >= 0")], self, where)
+                  ("preview_views", self.preview_views >= 0, "must be >= 0"),
+                  ("view_chunk", self.view_chunk >= 1, "must be >= 1"),
+                  ("token_chunk", self.token_chunk >= 1, "must be >= 1")], self, where)
 
 
 @dataclass
