@@ -22,13 +22,7 @@ STAGE = Path(__file__).resolve().parents[1] / "stages" / "infer.py"
 PARAMS = InferParams(size=56, device="cpu", dtype="fp32", preview_views=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small shapes run fastest single-threaded on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: one thread per module
 
 
 @pytest.fixture(scope="module")
