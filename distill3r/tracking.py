@@ -343,6 +343,17 @@ def write_run_ref(path: str | Path, run: Any, tracking_uri: str | None = None) -
     return ref
 
 
+def optional_run_ref(path: str | Path | None) -> RunRef | None:
+    """The run reference at ``path`` (:func:`read_run_ref`), or None, logged, when no path is
+    given or the file does not exist (the report is then not logged to MLflow)."""
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        log.info("%s not found: the report is not logged to MLflow", path)
+        return None
+    return read_run_ref(path)
+
+
 def read_run_ref(path: str | Path) -> RunRef:
     """Read a file written by :func:`write_run_ref` (``ValueError`` naming the file if bad)."""
     raw = read_json(path, "MLflow run reference", "run the train stage first")

@@ -12,7 +12,6 @@ file exists the report is logged to that MLflow run as ``benchmark.<benchmark>.<
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -21,18 +20,17 @@ from distill3r.cli import run_stage, stage_parser
 
 def _benchmark(args, params) -> None:
     from distill3r.benchmarks import build_model, run_benchmarks
-    from distill3r.tracking import log_report, read_run_ref
+    from distill3r.tracking import log_report, optional_run_ref
 
+    ref = optional_run_ref(args.run_ref)
     bp = params.benchmark
     models = {name: build_model(name, args.checkpoint, params.teacher, bp.device, bp.dtype)
               for name in bp.models}
     report = run_benchmarks(params, models, args.out, args.table)
     if args.table:
         print(Path(args.table).read_text())
-    if args.run_ref and Path(args.run_ref).is_file():
-        log_report(report, read_run_ref(args.run_ref), prefix="benchmark")
-    elif args.run_ref:
-        logging.info("%s not found: the report is not logged to MLflow", args.run_ref)
+    if ref is not None:
+        log_report(report, ref, prefix="benchmark")
 
 
 def main(argv: list[str] | None = None) -> int:

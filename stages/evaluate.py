@@ -14,7 +14,6 @@ exists the metrics are also logged to that MLflow run as ``eval.<block>.<metric>
 from __future__ import annotations
 
 import dataclasses
-import logging
 import sys
 from pathlib import Path
 
@@ -25,16 +24,12 @@ def _evaluate(args, params) -> None:
     from distill3r.evaluation.runner import format_table, run_evaluation
     from distill3r.jsonio import read_json, write_json
     from distill3r.reports import headline_metrics
-    from distill3r.tracking import log_report, read_run_ref
+    from distill3r.tracking import log_report, optional_run_ref
 
     if args.max_samples is not None:
         params.eval = dataclasses.replace(params.eval, max_samples=args.max_samples)
         params.eval.validate("eval")
-    ref = None
-    if args.run_ref and Path(args.run_ref).is_file():
-        ref = read_run_ref(args.run_ref)
-    elif args.run_ref:
-        logging.info("%s not found: metrics are not logged to MLflow", args.run_ref)
+    ref = optional_run_ref(args.run_ref)
     train_report = None
     if args.train_metrics and Path(args.train_metrics).is_file():
         train_report = read_json(args.train_metrics, "train metrics")
