@@ -221,6 +221,8 @@ class LossParams:
     alpha_local: float = 1.0
     gamma_conf: float = 0.001
     weighting: Literal["teacher", "none", "student"] = "teacher"
+    # per-pixel point error: "euclidean" ||p - q|| (DUSt3R/Fast3R's L21) or "squared" ||p - q||^2
+    distance: Literal["euclidean", "squared"] = "squared"
     conf_scale: float = 10.0
     w_min: float = 0.1
 

@@ -10,7 +10,9 @@ pred = the student output dict, target = ``xyz_global``, ``xyz_local`` ``[B,N,H,
   origin over valid pixels. Global: one scale per sample shared by all N views (relative view
   placement matters); local: one scale per view. So the loss is invariant to a rescaling of
   the prediction.
-- Geometric term of one view: ``sum_valid w * ||p_hat/s_hat - p/s||^2 / N_valid`` with
+- Geometric term of one view: ``sum_valid w * d(p_hat/s_hat, p/s) / N_valid`` with
+  ``d = ||.||`` (``distance="euclidean"``: DUSt3R's and Fast3R's ``L21Loss``, naver/dust3r
+  ``dust3r/losses.py``) or ``||.||^2`` (``"squared"``) and
   ``w = clamp(conf_teacher / conf_scale, w_min, 1)`` (``weighting="teacher"``), ``1``
   (``"none"``) or ``clamp(conf_student.detach() / conf_scale, w_min, 1)`` (``"student"``).
   ``L_global`` / ``L_local`` = mean over all (sample, view) pairs that have a valid pixel.
@@ -47,16 +49,18 @@ def _masked_view_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor
 
 
 def _geometric(pred: torch.Tensor, targ: torch.Tensor, valid: torch.Tensor,
-               weight: torch.Tensor, per_sample: bool) -> torch.Tensor:
-    """Scale-normalised weighted squared point error; ``per_sample``: one scale per sample
-    (global) instead of per view (local)."""
+               weight: torch.Tensor, per_sample: bool, squared: bool) -> torch.Tensor:
+    """Scale-normalised weighted point error (squared or Euclidean); ``per_sample``: one scale
+    per sample (global) instead of per view (local)."""
     dims = (1, 2, 3) if per_sample else (2, 3)
     v = valid.to(pred.dtype)
     count = v.sum(dim=dims, keepdim=True).clamp_min(1)
     s_pred = ((point_norm(pred).squeeze(-1) * v).sum(dim=dims, keepdim=True) / count).clamp_min(_MIN_SCALE)
     s_targ = ((point_norm(targ).squeeze(-1) * v).sum(dim=dims, keepdim=True) / count).clamp_min(_MIN_SCALE)
     diff = pred / s_pred[..., None] - targ / s_targ[..., None]
-    return _masked_view_mean(weight * (diff * diff).sum(-1), valid)
+    # vector_norm's gradient at a zero difference is 0, not NaN
+    dist = (diff * diff).sum(-1) if squared else torch.linalg.vector_norm(diff, dim=-1)
+    return _masked_view_mean(weight * dist, valid)
 
 
 def _log_conf(conf: torch.Tensor) -> torch.Tensor:
@@ -93,8 +97,9 @@ class DistillationLoss(nn.Module):
                 p_conf = torch.where(valid, pred[f"conf_{head}"].float(), 1.0)
                 t_conf = torch.where(valid, target[f"conf_{head}"].float(), 1.0)
                 weight = self._weight(t_conf, p_conf)
-                terms[f"loss_{head}"] = _geometric(p_xyz, t_xyz, valid, weight,
-                                                   per_sample=head == "global")
+                terms[f"loss_{head}"] = _geometric(
+                    p_xyz, t_xyz, valid, weight, per_sample=head == "global",
+                    squared=self.params.distance == "squared")
                 err = (_log_conf(p_conf) - _log_conf(t_conf)).abs()
                 terms[f"loss_conf_{head}"] = _masked_view_mean(err, valid)
             terms["loss_conf"] = 0.5 * (terms["loss_conf_global"] + terms["loss_conf_local"])

@@ -166,3 +166,31 @@ def test_rejects_bad_inputs_and_params():
         loss_fn(dict(pred, xyz_global=pred["xyz_global"][:, :1]), target)
     with pytest.raises(ValueError, match="weighting"):
         DistillationLoss(LossParams(weighting="teacherr"))
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "squared"])
+def test_distance_is_the_per_pixel_error_norm(distance):
+    # one view, all pixels valid, weight 1 (weighting none), prediction offset by a constant
+    # vector in normalised units: the geometric term is |d| or |d|^2 exactly
+    target = {k: v[:1, :1] for k, v in _target().items()}
+    target["mask"] = torch.ones_like(target["mask"])
+    s = torch.linalg.vector_norm(target["xyz_local"], dim=-1).mean()
+    shift = torch.tensor([0.3, -0.4, 0.0]) * s  # |shift / s| = 0.5
+    pred = _pred_from(target)
+    pred["xyz_local"] = (target["xyz_local"] + shift).requires_grad_(True)
+    _, d = DistillationLoss(LossParams(weighting="none", distance=distance))(pred, target)
+    # the prediction's own scale moves too: compare against the exact normalised difference
+    s_pred = torch.linalg.vector_norm(pred["xyz_local"].detach(), dim=-1).mean()
+    diff = pred["xyz_local"].detach() / s_pred - target["xyz_local"] / s
+    err = torch.linalg.vector_norm(diff, dim=-1)
+    want = (err if distance == "euclidean" else err * err).mean()
+    assert d["loss_local"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert d["loss_local"].item() > 0.01
+
+
+def test_euclidean_distance_has_finite_gradient_at_the_target():
+    target = _target()
+    pred = _pred_from(target)
+    loss, _ = DistillationLoss(LossParams(distance="euclidean"))(pred, target)
+    loss.backward()
+    assert all(torch.isfinite(pred[k].grad).all() for k in ("xyz_global", "xyz_local"))
