@@ -266,6 +266,8 @@ class TrainParams:
     tracking_uri: Optional[str] = None  # null: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
     experiment: str = "distill3r"
     system_metrics: bool = True
+    # the student's name in MLflow's model registry (a new version per training); null: none
+    registered_model: Optional[str] = "distill3r-student"
 
     def validate(self, where: str = "train") -> None:
         check_choices(self, where)

@@ -1,8 +1,10 @@
 """Point-cloud files and preview images.
 
-- PLY: binary little-endian, one ``vertex`` element with ``float x, y, z`` and (optionally)
-  ``uchar red, green, blue``; readable by MeshLab, CloudCompare, Open3D. ``read_ply`` is a
-  plain parser for these files (and ASCII ones) used by tests and users.
+- PLY: binary little-endian, one ``vertex`` element with ``float x, y, z``, (optionally)
+  ``uchar red, green, blue`` and any extra scalar properties (inference adds ``float
+  confidence`` and ``int view``: the point's local confidence and source view); readable by
+  MeshLab, CloudCompare, Open3D (which skip properties they do not know). ``read_ply`` and
+  ``read_ply_vertices`` are plain parsers for these files (and ASCII ones).
 - Preview: a software render of the point cloud from a virtual camera behind and above view 0
   (numpy z-buffer splats), above one row per view: input image, depth, confidence.
 Points are in view 0's camera frame (OpenCV: x right, y down, z forward).
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -27,29 +29,35 @@ _PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short":
               "float64": "f8"}
 
 
-def _ply_header(count: int, colors: bool) -> bytes:
+def _ply_header(count: int, colors: bool, extra: Sequence[tuple[str, str]] = ()) -> bytes:
     header = ["ply", "format binary_little_endian 1.0", "comment written by distill3r",
               f"element vertex {count}", "property float x", "property float y",
               "property float z"]
     if colors:
         header += ["property uchar red", "property uchar green", "property uchar blue"]
+    header += [f"property {kind} {name}" for name, kind in extra]
     header.append("end_header")
     return ("\n".join(header) + "\n").encode("ascii")
 
 
 class PlyStream:
-    """Appends vertices to an open binary PLY whose header announced ``count`` of them."""
+    """Appends vertices to an open binary PLY whose header announced ``count`` of them
+    (and the ``extra`` scalar properties ``(name, ply type)``, e.g. ``("view", "int")``)."""
 
-    def __init__(self, fh, path: Path, count: int, colors: bool) -> None:
+    def __init__(self, fh, path: Path, count: int, colors: bool,
+                 extra: Sequence[tuple[str, str]] = ()) -> None:
         self._fh, self.path, self.count, self.colors, self.written = fh, path, count, colors, 0
         fields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4")]
         if colors:
             fields += [("red", "u1"), ("green", "u1"), ("blue", "u1")]
+        self.extra = [name for name, _ in extra]
+        fields += [(name, "<" + _PLY_TYPES[kind]) for name, kind in extra]
         self._dtype = np.dtype(fields)
 
-    def write(self, points: np.ndarray, colors: np.ndarray | None = None) -> None:
-        """Append ``points [M,3]`` (stored float32) and ``colors [M,3]`` uint8 (required
-        when the file has colours)."""
+    def write(self, points: np.ndarray, colors: np.ndarray | None = None,
+              **extra: np.ndarray) -> None:
+        """Append ``points [M,3]`` (stored float32), ``colors [M,3]`` uint8 (required
+        when the file has colours) and one ``[M]`` array per extra property (by name)."""
         points = np.asarray(points)
         if points.ndim != 2 or points.shape[1] != 3:
             raise ValueError(f"{self.path}: points must be [M,3], got {points.shape}")
@@ -60,9 +68,18 @@ class PlyStream:
                                  f" do not match points {points.shape}")
             if colors.dtype != np.uint8:
                 raise ValueError(f"{self.path}: colors must be uint8, got {colors.dtype}")
+        if sorted(extra) != sorted(self.extra):
+            raise ValueError(f"{self.path}: extra properties {sorted(extra)} given, the file "
+                             f"has {sorted(self.extra)}")
+        for name, values in extra.items():
+            if np.shape(values) != (len(points),):
+                raise ValueError(f"{self.path}: {name} has shape {np.shape(values)}, "
+                                 f"expected ({len(points)},)")
         if self.written + len(points) > self.count:
             raise ValueError(f"{self.path}: more than the {self.count} vertices announced")
         data = np.empty(len(points), dtype=self._dtype)
+        for name, values in extra.items():
+            data[name] = values
         for axis, name in enumerate("xyz"):
             data[name] = points[:, axis]
         if self.colors:
@@ -73,15 +90,18 @@ class PlyStream:
 
 
 @contextlib.contextmanager
-def ply_writer(path: str | Path, count: int, colors: bool = True) -> Iterator[PlyStream]:
+def ply_writer(path: str | Path, count: int, colors: bool = True,
+               extra: Sequence[tuple[str, str]] = ()) -> Iterator[PlyStream]:
     """Write a binary PLY of ``count`` vertices incrementally: yields a :class:`PlyStream`;
     the file is written under a temporary name and renamed to ``path`` only when the block
     ends without an error and exactly ``count`` vertices were written (an interrupted or
     killed writer never leaves a partial file under ``path``)."""
     path = Path(path)
     with replacing(path) as tmp, open(tmp, "wb") as fh:
-        fh.write(_ply_header(count, colors))
-        stream = PlyStream(fh, path, count, colors)
+        if any(kind not in _PLY_TYPES for _, kind in extra):
+            raise ValueError(f"{path}: unknown PLY property type in {list(extra)}")
+        fh.write(_ply_header(count, colors, extra))
+        stream = PlyStream(fh, path, count, colors, extra)
         yield stream
         if stream.written != count:
             raise ValueError(f"{path}: {stream.written} vertices written, {count} announced")
@@ -129,6 +149,17 @@ def _parse_ply_header(fh, path: Path) -> tuple[str, int, list[tuple[str, str]]]:
 
 def read_ply(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
     """Read the vertices of a PLY: ``(points [M,3] float32, colors [M,3] uint8 or None)``."""
+    data = read_ply_vertices(path)
+    points = np.stack([data["x"], data["y"], data["z"]], axis=1).astype(np.float32)
+    colors = None
+    if {"red", "green", "blue"} <= set(data):
+        colors = np.stack([data["red"], data["green"], data["blue"]], axis=1).astype(np.uint8)
+    return points, colors
+
+
+def read_ply_vertices(path: str | Path) -> dict[str, np.ndarray]:
+    """Every vertex property of a PLY by name (``x``, ``y``, ``z``, ``red``, ..., extras),
+    each ``[M]`` in the file's type; ``ValueError`` naming the file for a bad one."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: PLY file not found")
@@ -147,11 +178,7 @@ def read_ply(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
             if len(raw) < dtype.itemsize * count:
                 raise ValueError(f"{path}: PLY truncated ({len(raw)} bytes for {count} vertices)")
             data = np.frombuffer(raw, dtype=dtype)
-    points = np.stack([data["x"], data["y"], data["z"]], axis=1).astype(np.float32)
-    colors = None
-    if {"red", "green", "blue"} <= set(names):
-        colors = np.stack([data["red"], data["green"], data["blue"]], axis=1).astype(np.uint8)
-    return points, colors
+    return {n: data[n].astype(t) for n, t in props}
 
 
 def preview_camera(points: np.ndarray, back: float = 0.6, up: float = 0.35) -> np.ndarray:

@@ -5,7 +5,7 @@ student (``distill3r.models.load_student``) and writes per scene, into ``output_
 
 - ``<scene>_student.ply``: global points (view 0's camera frame, OpenCV axes, the model's
   scale) whose local confidence is at or above the ``conf_percentile`` percentile, coloured
-  from the input images;
+  from the input images, with each point's local ``confidence`` and source ``view``;
 - ``<scene>_cameras.json``: estimated ``K`` (shared, at the processed resolution) and ``c2w``
   per image from :func:`distill3r.evaluation.poses.estimate_cameras` (the recipe evaluation
   scores: focal from view 0's confident points, view 0 the identity, PnP-RANSAC for the
@@ -267,6 +267,10 @@ def _threshold(store: MapStore, pct: StreamedPercentile, percentile: float) -> f
     return pct.result()
 
 
+# per point of the PLY: its local confidence (what the viewer's slider filters on) and view
+PLY_EXTRA = (("confidence", "float"), ("view", "int"))
+
+
 def _export_points(path: Path, store: MapStore, keep: KeptPixels, count: int,
                    params: InferParams, render_points: int = 100_000):
     """Write the kept (capped) points of every view to the PLY at ``path``, one view at a
@@ -274,13 +278,14 @@ def _export_points(path: Path, store: MapStore, keep: KeptPixels, count: int,
     cap = PointCap(count, params.max_points, params.seed)
     step = max(1, -(-min(count, params.max_points or count) // render_points))
     sample_p, sample_c, written = [], [], 0
-    with ply_writer(path, cap.want, colors=True) as ply:
+    with ply_writer(path, cap.want, colors=True, extra=PLY_EXTRA) as ply:
         for i in range(len(keep)):
             idx = np.flatnonzero(keep[i])
             idx = idx[cap.take(len(idx))]
             points = store["xyz_global"][i].reshape(-1, 3)[idx].astype(np.float32)
             colors = store["images"][i].reshape(-1, 3)[idx]
-            ply.write(points, colors)
+            ply.write(points, colors, confidence=store["conf_local"][i].reshape(-1)[idx],
+                      view=np.full(len(idx), i, np.int32))
             first = (-written) % step
             sample_p.append(points[first::step])
             sample_c.append(colors[first::step])

@@ -24,6 +24,7 @@ def _evaluate(args, params) -> None:
     from distill3r.evaluation.runner import format_table, run_evaluation
     from distill3r.jsonio import read_json, write_json
     from distill3r.reports import headline_metrics
+    from distill3r.registry import tag_run_versions
     from distill3r.tracking import log_report, optional_run_ref
 
     if args.max_samples is not None:
@@ -41,6 +42,9 @@ def _evaluate(args, params) -> None:
     print(format_table(report))
     logged = log_report(report, ref) if ref is not None else None
     run = f", MLflow run {logged}" if logged else ""
+    if logged:  # the registered student of that run carries the headline metrics too
+        versions = tag_run_versions(ref, headline_metrics(report, train_report))
+        run += "".join(f", model {v}" for v in versions)
     print(f"evaluate: {report['num_samples']} sample(s) ({report['num_samples_gt']} with ground "
           f"truth), {report['seconds_per_sample']:.3f} s/sample -> {result.out_path}{run}")
 

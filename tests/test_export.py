@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from distill3r.data.io import read_image
-from distill3r.export import preview_image, read_ply, render_points, write_ply, write_preview
+from distill3r.export import (ply_writer, preview_image, read_ply, read_ply_vertices,
+                              render_points, write_ply, write_preview)
 from distill3r.geometry import invert_pose, look_at
 
 
@@ -40,6 +41,23 @@ def test_ply_without_colours_and_empty(tmp_path):
     write_ply(tmp_path / "e.ply", np.zeros((0, 3)), np.zeros((0, 3), np.uint8))
     p3, c3 = read_ply(tmp_path / "e.ply")
     assert p3.shape == (0, 3) and c3.shape == (0, 3)
+
+
+def test_ply_extra_properties_round_trip_and_are_checked(tmp_path):
+    points, colors = _cloud(6)
+    conf = np.linspace(1, 2, 6, dtype=np.float32)
+    view = np.array([0, 0, 1, 1, 2, 2], np.int32)
+    path = tmp_path / "x.ply"
+    with ply_writer(path, 6, extra=(("confidence", "float"), ("view", "int"))) as ply:
+        ply.write(points[:2], colors[:2], confidence=conf[:2], view=view[:2])
+        with pytest.raises(ValueError, match="extra properties"):
+            ply.write(points[2:], colors[2:], confidence=conf[2:])
+        ply.write(points[2:], colors[2:], confidence=conf[2:], view=view[2:])
+    data = read_ply_vertices(path)
+    assert list(data) == ["x", "y", "z", "red", "green", "blue", "confidence", "view"]
+    assert np.array_equal(data["confidence"], conf) and np.array_equal(data["view"], view)
+    p2, c2 = read_ply(path)  # readers that know only xyz and colours still read it
+    assert np.array_equal(p2, points) and np.array_equal(c2, colors)
 
 
 def test_read_ascii_ply(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from distill3r.config import InferParams
 from distill3r.data.io import read_image, write_image
 from distill3r.data.view import fit_size
-from distill3r.export import read_ply
+from distill3r.export import read_ply, read_ply_vertices
 from distill3r.evaluation.poses import confident_pixels
 from distill3r.inference import (find_scenes, load_views, predict, run_inference,
                                  select_points)
@@ -114,6 +114,10 @@ def test_run_inference_writes_consistent_outputs(tmp_path, checkpoint):
     assert all(f.is_file() for f in files.values())
     points, colors = read_ply(files["student.ply"])
     assert len(points) == len(colors) == info["points_kept"]
+    vertices = read_ply_vertices(files["student.ply"])  # each point's confidence and view
+    assert vertices["confidence"].min() >= info["conf_threshold"]
+    assert sorted(set(vertices["view"].tolist())) == [0, 1, 2]
+    assert np.all(np.diff(vertices["view"]) >= 0)  # written view by view
     # the count is exactly the confidence filter of the model's own prediction
     model = load_student(checkpoint)
     images, _ = load_views(sorted(folder.iterdir()), PARAMS.size, model.patch_size)

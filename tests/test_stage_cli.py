@@ -31,8 +31,19 @@ def _run(stage: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
 
 
+# scripts that are no DVC stage and read no params (stages/view.py: the viewer of infer outputs)
+NO_PARAMS = {"view"}
+
+
 def test_every_stage_script_is_listed():
-    assert {p.stem for p in (ROOT / "stages").glob("*.py")} == set(ARGS)
+    assert {p.stem for p in (ROOT / "stages").glob("*.py")} == set(ARGS) | NO_PARAMS
+
+
+def test_viewer_bad_input_is_an_error_not_a_traceback(tmp_path):
+    proc = _run("view", str(tmp_path / "nope"), cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"view: error: {tmp_path / 'nope'}: neither an infer output "
+                                  "folder"), proc.stderr
 
 
 @pytest.mark.parametrize("stage", sorted(ARGS))

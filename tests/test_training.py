@@ -362,6 +362,10 @@ def test_train_logs_terms_schedule_and_saves_a_loadable_student(cache, tmp_path)
     assert report["final_val"]["step"] == 4 and report["seconds"] > 0
     assert 1 < report["parameters_m"] < 10  # tiny
     assert run.info.run_name == "train tiny 4 steps"
+    (version,) = client.search_model_versions(f"run_id = '{run_id}'")  # the registered student
+    assert version.name == "distill3r-student" and version.source == f"runs:/{run_id}/student"
+    assert version.tags["cache.fingerprint"] == run.data.tags["cache.fingerprint"]
+    assert version.tags["run_id"] == run_id and version.tags["model.name"] == "tiny"
     student = load_student(tmp_path / "student")
     assert student.config.name == "tiny"
 

@@ -42,6 +42,7 @@ from distill3r.config import Params, RuntimeParams, TrainParams
 from distill3r.devices import bf16_supported
 from distill3r.models import save_student
 from distill3r.runtime import choose_threads
+from distill3r.registry import ARTIFACT, register_student
 from distill3r.tracking import (log_artifacts_dir, make_lightning_logger, read_run_ref,
                                 resolve_tracking_uri, start_run, write_run_ref)
 from distill3r.training.augment import Augmenter
@@ -230,7 +231,10 @@ def train(params: Params, cache_dir: str | Path, out_dir: str | Path,
             write_curves(module.val_history, plots, metrics,
                          {"seconds": round(seconds, 1), "parameters_m": round(params_m, 3)})
             save_student(module.student.cpu(), out_dir)
-            log_artifacts_dir(out_dir, "student")
+            log_artifacts_dir(out_dir, ARTIFACT)
+            if tp.registered_model:
+                register_student(tracking_uri, active.info.run_id, tp.registered_model,
+                                 {**cache_tags, "model.name": params.model.name})
             if run_ref is not None:
                 write_run_ref(run_ref, active, tracking_uri)
     return TrainResult(out_dir, trainer.global_step, active.info.run_id if rank0 else None,
