@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import re
+import warnings
 import zipfile
 from typing import Any, Optional
 
@@ -153,10 +154,26 @@ def _arrays(raw: dict, member: str, specs: dict[str, ArraySpec], url, key) -> di
         raise exc.located(url, key, member) from exc
 
 
-def _finite(a: np.ndarray, name: str, member: str, url, key) -> np.ndarray:
-    if not np.all(np.isfinite(a)):
+def _float32(a: np.ndarray, name: str, member: str, url, key):
+    """A new float32 tensor of the (read-only, float16 or float32) array ``a``, checked finite."""
+    import torch
+
+    with warnings.catch_warnings():  # ``a`` is only read: the result is a copy
+        warnings.simplefilter("ignore", UserWarning)
+        shared = torch.from_numpy(a)
+    t = shared.float() if shared.dtype != torch.float32 else shared.clone()
+    if not bool(torch.isfinite(t).all()):
         raise CacheError(f"array {name} has non-finite values", url, key, member)
-    return a
+    return t
+
+
+def _uint8(a: np.ndarray):
+    """A torch view of the read-only uint8 array ``a`` (never written: only converted)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
 
 
 def decode_sample(raw: dict, shape: Optional[tuple[int, int, int]] = None,
@@ -202,10 +219,9 @@ def decode_sample(raw: dict, shape: Optional[tuple[int, int, int]] = None,
                                                                          "conf_local")})
     t = _arrays(raw, "teacher.npz", {**f16, "mask_rle": ArraySpec(np.int32, (None,), px + 1),
                                      "mask_shape": ArraySpec(np.int64, (3,), 3)}, url, key)
-    for name in f16:
-        _finite(t[name], name, "teacher.npz", url, key)
+    maps = {name: _float32(t[name], name, "teacher.npz", url, key) for name in f16}
     for name in ("conf_global", "conf_local"):
-        if np.any(t[name] < 1):
+        if maps[name].numel() and float(maps[name].min()) < 1:
             raise CacheError(f"array {name} has values below 1", url, key, "teacher.npz")
     if t["mask_shape"].tolist() != [n, h, w]:
         raise CacheError(f"mask_shape {t['mask_shape'].tolist()} != images {[n, h, w]}", url,
@@ -225,17 +241,14 @@ def decode_sample(raw: dict, shape: Optional[tuple[int, int, int]] = None,
             from exc
     if not isinstance(meta, dict):
         raise CacheError("must hold a JSON object", url, key, "meta.json")
-    result = {"key": raw.get("__key__"),
-              "images": images_to_input(images)}
-    for name in f16:
-        result[name] = torch.from_numpy(t[name].astype(np.float32))
-    result["mask"] = torch.from_numpy(mask)
+    result = {"key": raw.get("__key__"), "images": images_to_input(_uint8(images)), **maps,
+              "mask": torch.from_numpy(mask)}
     if "gt.npz" in raw:
         specs = {"depth": ArraySpec(np.float32, (n, h, w), px),
                  "K": ArraySpec(np.float32, (n, 3, 3), 9 * n),
                  "c2w": ArraySpec(np.float32, (n, 4, 4), 16 * n)}
         g = _arrays(raw, "gt.npz", specs, url, key)
         for name in specs:
-            result[name] = torch.from_numpy(_finite(g[name], name, "gt.npz", url, key))
+            result[name] = _float32(g[name], name, "gt.npz", url, key)
     result["meta"] = meta
     return result
