@@ -31,6 +31,7 @@ __all__ = ["BenchParams", "CacheParams", "DataParams", "DatasetSampling", "DemoP
 
 ModelName = Literal["paper", "tiny", "fast3r-large"]  # distill3r.models.configs.MODEL_CONFIGS
 SamplingMode = Literal["random", "stride", "nearby"]
+CacheCompression = Literal["deflate", "stored", "auto"]
 TeacherName = Literal["groundtruth", "fast3r", "checkpoint"]
 ComputeDtype = Literal["bf16", "fp16", "fp32"]
 
@@ -129,6 +130,8 @@ class CacheParams:
     shard_max_samples: int = 64
     shard_max_bytes: int = 256_000_000
     conf_max: float = 60000.0  # confidences are clamped to [1, conf_max] (float16-finite)
+    # npz entries: deflate (all), stored (none), auto (deflated where that halves the entry)
+    compression: CacheCompression = "auto"
 
     def validate(self, where: str = "cache") -> None:
         check_choices(self, where)

@@ -17,13 +17,14 @@ from sampling_helpers import sample_views
 
 from distill3r.cache.reader import read_index, read_split
 from distill3r.cache.rle import rle_decode
-from distill3r.cache.schema import sample_nbytes_bound
+from distill3r.cache.schema import FORMAT, sample_nbytes_bound
 from distill3r.cache.writer import build_cache, load_sample, plan_cache
-from distill3r.config import CacheParams, Params
+from distill3r.config import CacheParams, Params, to_dict
 from distill3r.data.manifest import FrameRecord, group_scenes, read_manifest
 from distill3r.data.sampling import sample_key
 from distill3r.seeding import stable_seed
 from distill3r.teachers import get_teacher
+from distill3r.teachers.base import params_digest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,6 +141,30 @@ def test_shards_hold_exact_arrays(manifest, tmp_path):
     build_cache(manifest, tmp_path / "again", params, progress=False)
     for split in ("train", "val"):
         assert _tar_bytes(tmp_path / "cache" / split) == _tar_bytes(tmp_path / "again" / split)
+
+
+def test_compression_changes_the_bytes_and_fingerprint_not_the_samples(manifest, tmp_path):
+    teacher = get_teacher(Params().teacher)
+    built, fingerprints = {}, {}
+    for mode in ("deflate", "stored", "auto"):
+        summary = build_cache(manifest, tmp_path / mode, _params(compression=mode),
+                              progress=False)
+        fingerprints[mode] = summary["fingerprint"]
+        built[mode] = [d for split in ("train", "val") for d in read_split(tmp_path / mode / split)]
+    assert len(set(fingerprints.values())) == 3
+    sizes = {m: sum(p.stat().st_size for p in (tmp_path / m).rglob("*.tar")) for m in built}
+    assert sizes["deflate"] < sizes["auto"] < sizes["stored"]
+    for mode in ("stored", "auto"):
+        for got, want in zip(built[mode], built["deflate"]):
+            assert got["key"] == want["key"] and got["meta"] == want["meta"]
+            assert all(got[k].equal(v) for k, v in want.items() if hasattr(v, "equal"))
+    # deflate: the bytes of caches built before the setting existed, and their fingerprint
+    cache = to_dict(_params(compression="deflate").cache)
+    del cache["compression"]
+    plan = plan_cache(manifest, _params(compression="deflate").cache, teacher)
+    assert fingerprints["deflate"] == params_digest(
+        {"format": FORMAT, "cache": cache, "teacher": teacher.fingerprint(),
+         "manifest": plan.manifest_sha256})
 
 
 def test_shard_max_bytes_limits_samples_per_shard(manifest, tmp_path):

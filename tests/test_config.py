@@ -106,6 +106,7 @@ def test_choice_error_names_key_value_and_choices(tmp_path):
 @pytest.mark.parametrize("section, key, value, match", [
     ("train", "precision", "bf16", r"params\.train\.precision: 'bf16' is not one of 'bf16-mixed'"),
     ("cache", "sampling", "every", r"params\.cache\.sampling: 'every' is not one of"),
+    ("cache", "compression", "zstd", r"params\.cache\.compression: 'zstd' is not one of"),
     ("teacher", "dtype", "fp16", r"params\.teacher\.dtype: 'fp16' is not one of 'bf16', 'fp32'"),
     ("bench", "models", ["paper", "nope"], r"params\.bench\.models\[1\]: 'nope' is not one of"),
     ("train", "lr", -1.0, r"train\.lr=-1\.0: must be > 0"),

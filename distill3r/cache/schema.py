@@ -10,10 +10,15 @@ One WebDataset sample = one multi-view sample, members:
 - ``meta.json``: dataset, scene, split, frames, teacher name/fingerprint, image_size, ...;
 - ``sha256``: the hex SHA-256 of the key and every other member (:func:`sample_digest`), so a
   changed byte anywhere in the sample (``meta.json`` too) is detected.
-The npz members are ordinary compressed npz files (what ``np.savez_compressed`` writes) with
-fixed zip timestamps, so identical arrays give identical bytes. Decoding checks every size a
-member claims against the sample's own shapes before allocating (``npz.py``) and never
-unpickles; every failure is a :class:`~distill3r.cache.errors.CacheError` naming the shard,
+The npz members are ordinary npz files (``np.load`` reads them) with fixed zip timestamps, so
+identical arrays give identical bytes; ``cache.compression`` says how each entry is written:
+``deflate`` (every entry deflated, what ``np.savez_compressed`` writes: the smallest shards,
+the bytes of every cache built before the key existed), ``stored`` (none: ``np.savez``, the
+fastest to read) or ``auto`` (an entry is deflated only when that at least halves it: smooth
+confidences, masks and most images are, float16 point maps and float32 depth, whose low
+mantissa bytes are noise to deflate, are stored). The reader takes any mix of stored and
+deflated entries, so caches of every setting read alike. Decoding checks every size a member
+claims against the sample's own shapes before allocating (``npz.py``) and never unpickles; every failure is a :class:`~distill3r.cache.errors.CacheError` naming the shard,
 the sample and the member.
 """
 
@@ -23,7 +28,9 @@ import hashlib
 import io
 import json
 import re
+import warnings
 import zipfile
+import zlib
 from typing import Any, Optional
 
 import numpy as np
@@ -45,17 +52,38 @@ TEACHER_ARRAYS = ("xyz_global", "xyz_local", "conf_global", "conf_local", "mask_
 GT_ARRAYS = ("depth", "K", "c2w")
 KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+AUTO_MIN_RATIO = 2.0  # cache.compression auto: deflate an entry only if it shrinks this much
 
 
-def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    """Compressed npz of ``arrays`` (no pickles, reproducible bytes)."""
+def _zip_method(array: np.ndarray, compression: str) -> int:
+    """The zip method of one entry under ``cache.compression`` (see the module docstring)."""
+    if compression == "deflate":
+        return zipfile.ZIP_DEFLATED
+    if compression == "stored":
+        return zipfile.ZIP_STORED
+    if compression != "auto":
+        raise ValueError(f"cache.compression must be deflate, stored or auto, got "
+                         f"{compression!r}")
+    npy = io.BytesIO()
+    np.lib.format.write_array(npy, array, allow_pickle=False)
+    # the deflate stream zipfile writes: default level, raw (no zlib header)
+    deflate = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -zlib.MAX_WBITS)
+    size = len(deflate.compress(npy.getbuffer())) + len(deflate.flush())
+    return zipfile.ZIP_DEFLATED if size * AUTO_MIN_RATIO <= npy.tell() else zipfile.ZIP_STORED
+
+
+def npz_bytes(arrays: dict[str, np.ndarray], compression: str = "deflate") -> bytes:
+    """An npz of ``arrays`` (no pickles, reproducible bytes), each entry deflated or stored
+    as ``compression`` says: ``deflate`` (every entry), ``stored`` (none), ``auto`` (an entry
+    is deflated when that at least halves it: ``AUTO_MIN_RATIO``)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name, array in arrays.items():
+            array = np.ascontiguousarray(array)
             info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_TIME)
-            info.compress_type = zipfile.ZIP_DEFLATED
+            info.compress_type = _zip_method(array, compression)
             with zf.open(info, "w", force_zip64=True) as f:
-                np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
+                np.lib.format.write_array(f, array, allow_pickle=False)
     return buf.getvalue()
 
 
@@ -68,7 +96,7 @@ def sample_nbytes_bound(n: int, h: int, w: int, has_gt: bool = True) -> int:
 
 def encode_sample(key: str, teacher_out: TeacherOutput, images: np.ndarray,
                   gt: dict[str, np.ndarray] | None, meta: dict[str, Any],
-                  conf_max: float = 60000.0) -> dict[str, Any]:
+                  conf_max: float = 60000.0, compression: str = "deflate") -> dict[str, Any]:
     """Validate and encode one sample to ``{"__key__": key, "<member>": bytes, ...}``.
 
     Args:
@@ -78,6 +106,7 @@ def encode_sample(key: str, teacher_out: TeacherOutput, images: np.ndarray,
         gt: ``{"depth": [N,H,W], "K": [N,3,3], "c2w": [N,4,4]}`` or None.
         meta: JSON-serialisable dict.
         conf_max: confidences are clamped to ``[1, conf_max]``; at most float16's max.
+        compression: ``cache.compression``, how the npz entries are written (:func:`npz_bytes`).
     """
     where = f"sample {key!r}"
     if not isinstance(key, str) or not KEY_RE.match(key):
@@ -101,8 +130,8 @@ def encode_sample(key: str, teacher_out: TeacherOutput, images: np.ndarray,
         "mask_rle": rle_encode(teacher_out.mask),
         "mask_shape": np.asarray(teacher_out.mask.shape, np.int64),
     }
-    sample = {"__key__": key, "teacher.npz": npz_bytes(arrays),
-              "images.npz": npz_bytes({"images": images})}
+    sample = {"__key__": key, "teacher.npz": npz_bytes(arrays, compression),
+              "images.npz": npz_bytes({"images": images}, compression)}
     if gt is not None:
         shapes = {"depth": (n, h, w), "K": (n, 3, 3), "c2w": (n, 4, 4)}
         gt32 = {}
@@ -111,7 +140,7 @@ def encode_sample(key: str, teacher_out: TeacherOutput, images: np.ndarray,
             if a is None or a.shape != shape or not np.all(np.isfinite(a)):
                 raise ValueError(f"{where}: gt {name} must be finite with shape {list(shape)}")
             gt32[name] = a
-        sample["gt.npz"] = npz_bytes(gt32)
+        sample["gt.npz"] = npz_bytes(gt32, compression)
     sample["meta.json"] = json.dumps(meta, sort_keys=True).encode()
     sample[DIGEST_MEMBER] = sample_digest(sample).encode()
     return sample
@@ -153,10 +182,26 @@ def _arrays(raw: dict, member: str, specs: dict[str, ArraySpec], url, key) -> di
         raise exc.located(url, key, member) from exc
 
 
-def _finite(a: np.ndarray, name: str, member: str, url, key) -> np.ndarray:
-    if not np.all(np.isfinite(a)):
+def _float32(a: np.ndarray, name: str, member: str, url, key):
+    """A new float32 tensor of the (read-only, float16 or float32) array ``a``, checked finite."""
+    import torch
+
+    with warnings.catch_warnings():  # ``a`` is only read: the result is a copy
+        warnings.simplefilter("ignore", UserWarning)
+        shared = torch.from_numpy(a)
+    t = shared.float() if shared.dtype != torch.float32 else shared.clone()
+    if not np.isfinite(t.numpy()).all():  # numpy's test is ~8x faster than torch's here
         raise CacheError(f"array {name} has non-finite values", url, key, member)
-    return a
+    return t
+
+
+def _uint8(a: np.ndarray):
+    """A torch view of the read-only uint8 array ``a`` (never written: only converted)."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
 
 
 def decode_sample(raw: dict, shape: Optional[tuple[int, int, int]] = None,
@@ -202,10 +247,9 @@ def decode_sample(raw: dict, shape: Optional[tuple[int, int, int]] = None,
                                                                          "conf_local")})
     t = _arrays(raw, "teacher.npz", {**f16, "mask_rle": ArraySpec(np.int32, (None,), px + 1),
                                      "mask_shape": ArraySpec(np.int64, (3,), 3)}, url, key)
-    for name in f16:
-        _finite(t[name], name, "teacher.npz", url, key)
+    maps = {name: _float32(t[name], name, "teacher.npz", url, key) for name in f16}
     for name in ("conf_global", "conf_local"):
-        if np.any(t[name] < 1):
+        if maps[name].numel() and float(maps[name].min()) < 1:
             raise CacheError(f"array {name} has values below 1", url, key, "teacher.npz")
     if t["mask_shape"].tolist() != [n, h, w]:
         raise CacheError(f"mask_shape {t['mask_shape'].tolist()} != images {[n, h, w]}", url,
@@ -225,17 +269,14 @@ def decode_sample(raw: dict, shape: Optional[tuple[int, int, int]] = None,
             from exc
     if not isinstance(meta, dict):
         raise CacheError("must hold a JSON object", url, key, "meta.json")
-    result = {"key": raw.get("__key__"),
-              "images": images_to_input(images)}
-    for name in f16:
-        result[name] = torch.from_numpy(t[name].astype(np.float32))
-    result["mask"] = torch.from_numpy(mask)
+    result = {"key": raw.get("__key__"), "images": images_to_input(_uint8(images)), **maps,
+              "mask": torch.from_numpy(mask)}
     if "gt.npz" in raw:
         specs = {"depth": ArraySpec(np.float32, (n, h, w), px),
                  "K": ArraySpec(np.float32, (n, 3, 3), 9 * n),
                  "c2w": ArraySpec(np.float32, (n, 4, 4), 16 * n)}
         g = _arrays(raw, "gt.npz", specs, url, key)
         for name in specs:
-            result[name] = torch.from_numpy(_finite(g[name], name, "gt.npz", url, key))
+            result[name] = _float32(g[name], name, "gt.npz", url, key)
     result["meta"] = meta
     return result

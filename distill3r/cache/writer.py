@@ -97,7 +97,10 @@ def plan_cache(manifest_csv: str | Path, cache: CacheParams, teacher: Teacher) -
         mine = [s for s in samples if s.split == split]
         shards[split] = [mine[i:i + per_shard] for i in range(0, len(mine), per_shard)]
     manifest_sha = hashlib.sha256(manifest_csv.read_bytes()).hexdigest()
-    fingerprint = params_digest({"format": FORMAT, "cache": to_dict(cache),
+    cache_params = to_dict(cache)
+    if cache_params["compression"] == "deflate":  # the bytes of caches built before the key
+        del cache_params["compression"]            # existed: they keep their fingerprint
+    fingerprint = params_digest({"format": FORMAT, "cache": cache_params,
                                  "teacher": teacher.fingerprint(), "manifest": manifest_sha})
     return CachePlan(fingerprint, shards, per_shard, skipped, manifest_sha,
                      manifest_csv.parent.resolve(), cache, teacher)
@@ -152,7 +155,8 @@ def write_shard(plan: CachePlan, samples: list[ViewSample], path: Path, bar=None
                     batch, gt = load_sample(sample, size)
                     out = plan.teacher.predict(batch)
                     tar.write(encode_sample(sample.key, out, batch.images, gt,
-                                            _meta(plan, sample), plan.cache.conf_max))
+                                            _meta(plan, sample), plan.cache.conf_max,
+                                            plan.cache.compression))
                     if bar is not None:
                         bar.update(1)
 

@@ -13,4 +13,5 @@ def images_to_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.uint8 or x.ndim < 3 or x.shape[-1] != 3:
         raise ValueError(f"expected uint8 images [..., H, W, 3], got {x.dtype} "
                          f"{list(x.shape)}")
-    return x.movedim(-1, -3).float().div_(255.0).contiguous()
+    out = torch.empty((*x.shape[:-3], 3, *x.shape[-3:-1]), dtype=torch.float32)
+    return out.copy_(x.movedim(-1, -3)).div_(255.0)  # one pass: convert while transposing

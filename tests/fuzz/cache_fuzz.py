@@ -9,7 +9,8 @@ it. Every input must either decode to exactly what its bytes say (the original s
 mutation left the sample's bytes unchanged) or raise :class:`CacheError` naming the file (and,
 for a sample, its key). Anything else is counted: ``crashes``, ``hangs``, ``silent`` (a drop or
 change without an error), ``unnamed`` (a ``CacheError`` without the file). The inputs are a
-pure function of ``(seed, target, index)``. ``run_target`` is the in-process loop that the
+pure function of ``(seed, target, index)``; the valid samples are written with every
+``cache.compression`` (deflated, stored and mixed npz entries). ``run_target`` is the in-process loop that the
 quick seeded test (``tests/test_fuzz_quick.py``) calls.
 """
 
@@ -39,6 +40,7 @@ from distill3r.teachers.base import TeacherOutput
 
 SHAPE = (2, 8, 12)  # views, H, W of the fuzzed samples
 TARGETS = ("rle", "sample", "shard")
+COMPRESSIONS = ("deflate", "stored", "auto")  # cache.compression of the valid samples
 
 
 class Hang(Exception):
@@ -48,7 +50,8 @@ class Hang(Exception):
 # ---------------------------------------------------------------------------------------------
 # Valid inputs
 # ---------------------------------------------------------------------------------------------
-def make_sample(rng: np.random.Generator, key: str, url: str) -> dict:
+def make_sample(rng: np.random.Generator, key: str, url: str,
+                compression: str = "deflate") -> dict:
     n, h, w = SHAPE
     xyz = rng.normal(size=(n, h, w, 3)).astype(np.float32)
     out = TeacherOutput(xyz, xyz * 0.5, rng.uniform(1, 30, (n, h, w)).astype(np.float32),
@@ -57,7 +60,8 @@ def make_sample(rng: np.random.Generator, key: str, url: str) -> dict:
     gt = {"depth": rng.uniform(0, 5, (n, h, w)), "K": np.tile(np.eye(3), (n, 1, 1)),
           "c2w": np.tile(np.eye(4), (n, 1, 1))}
     images = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
-    raw = encode_sample(key, out, images, gt, {"dataset": "fuzz", "scene": key})
+    raw = encode_sample(key, out, images, gt, {"dataset": "fuzz", "scene": key},
+                        compression=compression)
     raw["__url__"] = url
     return raw
 
@@ -321,14 +325,15 @@ def run_rle(rng, _ctx) -> str:
 
 
 def run_sample(rng, ctx) -> str:
-    raw, signed = mutate_sample(ctx["base"], rng, ctx["bomb_mb"])
+    which = int(rng.integers(len(ctx["bases"])))
+    raw, signed = mutate_sample(ctx["bases"][which], rng, ctx["bomb_mb"])
     shape = SHAPE if rng.random() < 0.5 else None
     try:
         got = decode_sample(raw, shape)
     except CacheError as exc:
         return "error" if raw["__url__"] in str(exc) and raw["__key__"] in str(exc) \
             else "unnamed"
-    want = reference_decode(raw) if signed else ctx["decoded"]
+    want = reference_decode(raw) if signed else ctx["decoded"][which]
     return "ok" if same(got, want) else "silent"
 
 
@@ -347,10 +352,13 @@ def context(target: str, workdir: Path, bomb_mb: int) -> dict:
     if target == "rle":
         return {}
     if target == "sample":
-        base = make_sample(rng, "fuzz__scene__s000", str(workdir / "shard-000000.tar"))
-        return {"base": base, "decoded": decode_sample(base), "bomb_mb": bomb_mb}
+        bases = [make_sample(rng, "fuzz__scene__s000", str(workdir / "shard-000000.tar"), c)
+                 for c in COMPRESSIONS]
+        return {"bases": bases, "decoded": [decode_sample(b) for b in bases],
+                "bomb_mb": bomb_mb}
     path = workdir / "shard-000000.tar"
-    samples = [make_sample(rng, f"fuzz__scene__s{i:03d}", str(path)) for i in range(3)]
+    samples = [make_sample(rng, f"fuzz__scene__s{i:03d}", str(path), c)
+               for i, c in enumerate(COMPRESSIONS)]
     return {"shard": tar_bytes(samples), "path": path,
             "decoded": [decode_sample(s) for s in samples]}
 
