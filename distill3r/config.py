@@ -333,6 +333,7 @@ class InferParams:
     view_chunk: int = 8  # views per encoder / DPT-head chunk (streamed inference)
     token_chunk: int = 8192  # decoder tokens per chunk outside attention's keys and values
     scratch_dir: Optional[str] = None  # per-view float16 map store; null: the system temp
+    colmap: bool = False  # also write <scene>_colmap/ (COLMAP sparse model + images)
 
     def validate(self, where: str = "infer") -> None:
         check_choices(self, where)
