@@ -38,7 +38,7 @@ from distill3r.colmap_export import ExportView, write_colmap
 from distill3r.config import InferParams
 from distill3r.data.io import (IMAGE_SUBFOLDERS, IMAGE_SUFFIXES, is_image_file, natural_key,
                                read_image, scene_images)
-from distill3r.data.view import ViewChain, ViewTransform, fit_size
+from distill3r.data.view import ViewChain, ViewTransform, fit_size, shrink_transform, view_chain
 from distill3r.devices import autocast, resolve_device, resolve_dtype
 from distill3r.evaluation.poses import estimate_cameras
 from distill3r.models.checkpoint import checkpoint_fingerprint
@@ -91,25 +91,6 @@ def find_scenes(images_dir: str | Path) -> list[Scene]:
                          f"in the folder, in {'/ or '.join(IMAGE_SUBFOLDERS)}/, and in scene "
                          "subfolders)")
     return scenes
-
-
-def shrink_transform(hw: tuple[int, int], min_side: int) -> ViewTransform | None:
-    """The early downscale of very large images (to twice what any crop needs, to bound
-    memory), or None when the image is small enough."""
-    h, w = hw
-    if min(h, w) <= 2 * min_side:
-        return None
-    s = 2 * min_side / min(h, w)
-    return ViewTransform((h, w), (0, 0, w, h), (max(1, round(h * s)), max(1, round(w * s))))
-
-
-def view_chain(hw: tuple[int, int], min_side: int, out_hw: tuple[int, int]) -> ViewChain:
-    """How a source image of size ``hw`` becomes a model input of ``out_hw``: the early
-    downscale (:func:`shrink_transform`, if any), then the project's resize rule
-    (:meth:`ViewTransform.cover`)."""
-    shrink = shrink_transform(hw, min_side)
-    steps = (shrink,) if shrink is not None else ()
-    return ViewChain(steps + (ViewTransform.cover(shrink.out_hw if shrink else hw, out_hw),))
 
 
 def _target_size(sizes: list[tuple[int, int]], size: int, multiple: int) -> tuple[int, int]:
@@ -358,8 +339,14 @@ def _reconstruct(model, scene: Scene, out: Path, params: InferParams, device: to
     cams = estimate_cameras(store, keep, params.pnp_reprojection_px, params.seed)
     K, c2w, methods = cams.K, cams.c2w, cams.methods
     N, H, W = keep.shape
+    refined = None
+    if params.refine:
+        from distill3r.colmap_refine import refine_poses  # lazy: pycolmap only for --refine
+
+        c2w, refined = refine_poses(store["xyz_global"], keep, K, c2w, params)
     cameras = {"scene": scene.name, "width": W, "height": H,
                "note": "K at the processed resolution; c2w in view 0's camera frame, model scale",
+               "refined": refined is not None,
                "frames": [{"frame": i, "image": p.name, "source_size": list(chains[i].src_hw),
                            "K": K.tolist(), "c2w": c2w[i].tolist(), "pose_method": methods[i]}
                           for i, p in enumerate(scene.images)]}
@@ -390,7 +377,7 @@ def _reconstruct(model, scene: Scene, out: Path, params: InferParams, device: to
         "focal_px": float(K[0, 0]), "pose_methods": methods,
         "timings_s": {"load": t1 - t0, "forward": t2 - t1, "points": t3 - t2,
                       "poses_and_preview": t4 - t3, "total": t4 - t0},
-        "colmap": colmap,
+        "colmap": colmap, "refine": refined,
         "outputs": {k: str(v) for k, v in files.items()},
     }
     write_json(files["info.json"], info)

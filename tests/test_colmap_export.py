@@ -17,10 +17,10 @@ from distill3r.colmap_export import SPARSE, ExportView, export_image, write_colm
 from distill3r.config import InferParams, TeacherParams
 from distill3r.data.colmap_model import camera_K, image_c2w, image_w2c, read_model
 from distill3r.data.io import read_image, write_image
-from distill3r.data.view import ViewChain, ViewTransform
+from distill3r.data.view import ViewChain, ViewTransform, view_chain
 from distill3r.evaluation.poses import confident_pixels, pnp_poses
 from distill3r.geometry import invert_pose
-from distill3r.inference import run_inference, view_chain
+from distill3r.inference import run_inference
 from distill3r.models import build_student, save_student
 from distill3r.teachers import TeacherInput
 from distill3r.teachers.groundtruth import GroundTruthTeacher

@@ -206,3 +206,22 @@ def resize_crop(image: np.ndarray, size: tuple[int, int], K: np.ndarray | None =
     tf = ViewTransform.cover(image.shape[:2], tuple(size))
     return (tf.image(image), None if K is None else tf.intrinsics(K),
             None if depth is None else tf.depth(depth))
+
+
+def shrink_transform(hw: tuple[int, int], min_side: int) -> ViewTransform | None:
+    """The early downscale of very large images (to twice what any crop needs, to bound
+    memory), or None when the image is small enough."""
+    h, w = hw
+    if min(h, w) <= 2 * min_side:
+        return None
+    s = 2 * min_side / min(h, w)
+    return ViewTransform((h, w), (0, 0, w, h), (max(1, round(h * s)), max(1, round(w * s))))
+
+
+def view_chain(hw: tuple[int, int], min_side: int, out_hw: tuple[int, int]) -> ViewChain:
+    """How a source image of size ``hw`` becomes a model input of ``out_hw``: the early
+    downscale (:func:`shrink_transform`, if any), then the project's resize rule
+    (:meth:`ViewTransform.cover`)."""
+    shrink = shrink_transform(hw, min_side)
+    steps = (shrink,) if shrink is not None else ()
+    return ViewChain(steps + (ViewTransform.cover(shrink.out_hw if shrink else hw, out_hw),))
