@@ -2,7 +2,7 @@
 
 Each command is a module with ``main(argv, prog) -> int``, registered by name in
 :data:`COMMANDS` and imported only when it runs (so ``distill3r --help`` loads no torch). The
-DVC stage scripts (``stages/*.py``) call the same ``main``.
+stage scripts (``stages/*.py``) call the same ``main``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from distill3r import __version__
 COMMANDS: dict[str, tuple[str, str]] = {
     "infer": ("distill3r.commands.infer",
               "reconstruct scenes from folders of images with a trained student"),
+    "view": ("distill3r.viewer.cli",
+             "show infer outputs in the browser, or export them as one HTML file"),
 }
 
 
