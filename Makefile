@@ -14,7 +14,7 @@ $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-	$(BIN)/python -c "import distill3r, torch, timm, lightning, webdataset, mlflow, dvc, pybullet, h5py, OpenEXR, viser"
+	$(BIN)/python -c "import distill3r, torch, timm, lightning, webdataset, mlflow, dvc, pybullet, h5py, OpenEXR, viser, pycolmap"
 	touch $(STAMP)
 
 # The whole pipeline on the demo data (CPU, minutes), without the benchmark. DVC reruns only

@@ -22,12 +22,13 @@ from distill3r.runtime import apply_threads, configure_environment
 Body = Callable[[argparse.Namespace, Params], Optional[int]]
 
 
-def stage_parser(doc: str, params_default: Optional[str] = "params.yaml"
-                 ) -> argparse.ArgumentParser:
+def stage_parser(doc: str, params_default: Optional[str] = "params.yaml",
+                 prog: Optional[str] = None) -> argparse.ArgumentParser:
     """A parser described by the first paragraph of ``doc``, with ``--params`` and
     ``--no-progress``. ``params_default=None``: without ``--params`` the stage uses
-    ``params.yaml`` if it exists, else the built-in defaults."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0].strip())
+    ``params.yaml`` if it exists, else the built-in defaults. ``prog``: the program name in
+    usage lines (default: the script's)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0].strip())
     parser.add_argument("--params", default=params_default,
                         help="params file (default %(default)s)" if params_default else
                         "params file (default params.yaml if present, else built-in defaults)")

@@ -30,14 +30,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
+from distill3r.colmap_export import ExportView, write_colmap
 from distill3r.config import InferParams
 from distill3r.data.io import (IMAGE_SUBFOLDERS, IMAGE_SUFFIXES, is_image_file, natural_key,
                                read_image, scene_images)
-from distill3r.data.view import fit_size, resize_crop
+from distill3r.data.view import ViewChain, ViewTransform, fit_size, shrink_transform, view_chain
 from distill3r.devices import autocast, resolve_device, resolve_dtype
 from distill3r.evaluation.poses import estimate_cameras
 from distill3r.models.checkpoint import checkpoint_fingerprint
@@ -92,16 +92,6 @@ def find_scenes(images_dir: str | Path) -> list[Scene]:
     return scenes
 
 
-def _shrink(image: np.ndarray, min_side: int) -> np.ndarray:
-    """Downscale very large images early (to twice what any crop needs) to bound memory."""
-    h, w = image.shape[:2]
-    if min(h, w) <= 2 * min_side:
-        return image
-    s = 2 * min_side / min(h, w)
-    return cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))),
-                      interpolation=cv2.INTER_AREA)
-
-
 def _target_size(sizes: list[tuple[int, int]], size: int, multiple: int) -> tuple[int, int]:
     """The common ``(H, W)``: the orientation of most images (ties: the first image's)."""
     portrait = [h > w for h, w in sizes]
@@ -131,23 +121,26 @@ def load_views(paths: list[Path], size: int, multiple: int) -> tuple[np.ndarray,
     for p in paths:
         img = read_image(p)
         sizes.append(img.shape[:2])
-        raw.append(_shrink(img, size + multiple))
+        shrink = shrink_transform(img.shape[:2], size + multiple)  # bound the memory held
+        raw.append(img if shrink is None else shrink.image(img))
     hw = _target_size(sizes, size, multiple)
-    return np.stack([resize_crop(img, hw)[0] for img in raw]), sizes
+    return np.stack([ViewTransform.cover(img.shape[:2], hw).image(img) for img in raw]), sizes
 
 
 def store_views(paths: list[Path], size: int, multiple: int, store: MapStore
-                ) -> tuple[StoredArray, list]:
+                ) -> tuple[StoredArray, list[ViewChain]]:
     """:func:`load_views` into ``store`` (map ``images``) one image at a time: every image is
-    read twice (sizes first, then the crop), none is held beyond its own turn."""
+    read twice (sizes first, then the crop), none is held beyond its own turn. Returns the
+    stored images and, per image, the :func:`view_chain` from the source to the input."""
     if not paths:
         raise ValueError("no images to load")
     sizes = [read_image(p).shape[:2] for p in paths]
     H, W = _target_size(sizes, size, multiple)
+    chains = [view_chain(s, size + multiple, (H, W)) for s in sizes]
     store.create("images", (len(paths), H, W, 3), np.uint8)
-    for p in paths:
-        store.append("images", resize_crop(_shrink(read_image(p), size + multiple), (H, W))[0][None])
-    return store["images"], sizes
+    for p, chain in zip(paths, chains):
+        store.append("images", chain.image(read_image(p))[None])
+    return store["images"], chains
 
 
 def predict(model: torch.nn.Module, images: np.ndarray, device: torch.device,
@@ -271,19 +264,30 @@ def _threshold(store: MapStore, pct: StreamedPercentile, percentile: float) -> f
 PLY_EXTRA = (("confidence", "float"), ("view", "int"))
 
 
+def kept_points(store: MapStore, keep: KeptPixels, count: int, params: InferParams):
+    """``points(i)`` for views ``i = 0, 1, ...`` in turn: the exported (kept, capped by
+    :class:`PointCap`) pixels of view i as ``(flat pixel indices [m], global points [m,3]
+    float32, colours [m,3] uint8)``; every call of this function yields the same subset."""
+    cap = PointCap(count, params.max_points, params.seed)
+
+    def points(i: int):
+        idx = np.flatnonzero(keep[i])
+        idx = idx[cap.take(len(idx))]
+        return (idx, store["xyz_global"][i].reshape(-1, 3)[idx].astype(np.float32),
+                store["images"][i].reshape(-1, 3)[idx])
+    return points, cap.want
+
+
 def _export_points(path: Path, store: MapStore, keep: KeptPixels, count: int,
                    params: InferParams, render_points: int = 100_000):
     """Write the kept (capped) points of every view to the PLY at ``path``, one view at a
     time; returns ``(points written, every k-th point and colour for the preview render)``."""
-    cap = PointCap(count, params.max_points, params.seed)
-    step = max(1, -(-min(count, params.max_points or count) // render_points))
+    points_of, total = kept_points(store, keep, count, params)
+    step = max(1, -(-total // render_points))
     sample_p, sample_c, written = [], [], 0
-    with ply_writer(path, cap.want, colors=True, extra=PLY_EXTRA) as ply:
+    with ply_writer(path, total, colors=True, extra=PLY_EXTRA) as ply:
         for i in range(len(keep)):
-            idx = np.flatnonzero(keep[i])
-            idx = idx[cap.take(len(idx))]
-            points = store["xyz_global"][i].reshape(-1, 3)[idx].astype(np.float32)
-            colors = store["images"][i].reshape(-1, 3)[idx]
+            idx, points, colors = points_of(i)
             ply.write(points, colors, confidence=store["conf_local"][i].reshape(-1)[idx],
                       view=np.full(len(idx), i, np.int32))
             first = (-written) % step
@@ -314,7 +318,7 @@ def _reconstruct(model, scene: Scene, out: Path, params: InferParams, device: to
                  checkpoint, store: MapStore) -> dict:
     t0 = time.perf_counter()
     patch = int(getattr(model, "patch_size", 14))
-    images, sizes = store_views(scene.images, params.size, patch, store)
+    images, chains = store_views(scene.images, params.size, patch, store)
     t1 = time.perf_counter()
     dtype = resolve_dtype(params.dtype, device)
     pct = _forward_to_store(model, images, store, params, device, dtype)
@@ -334,12 +338,24 @@ def _reconstruct(model, scene: Scene, out: Path, params: InferParams, device: to
     cams = estimate_cameras(store, keep, params.pnp_reprojection_px, params.seed)
     K, c2w, methods = cams.K, cams.c2w, cams.methods
     N, H, W = keep.shape
+    refined = None
+    if params.refine:
+        from distill3r.colmap_refine import refine_poses  # lazy: pycolmap only for --refine
+
+        c2w, refined = refine_poses(store["xyz_global"], keep, K, c2w, params)
     cameras = {"scene": scene.name, "width": W, "height": H,
                "note": "K at the processed resolution; c2w in view 0's camera frame, model scale",
-               "frames": [{"frame": i, "image": p.name, "source_size": list(sizes[i]),
+               "refined": refined is not None,
+               "frames": [{"frame": i, "image": p.name, "source_size": list(chains[i].src_hw),
                            "K": K.tolist(), "c2w": c2w[i].tolist(), "pose_method": methods[i]}
                           for i, p in enumerate(scene.images)]}
     write_json(files["cameras.json"], cameras)
+    colmap = None
+    if params.colmap:
+        files["colmap"] = out / f"{scene.name}_colmap"
+        views = [ExportView(p, c) for p, c in zip(scene.images, chains)]
+        colmap = write_colmap(files["colmap"], views, K, c2w,
+                              kept_points(store, keep, count, params)[0])
     shown = preview_views(N, params.preview_views)
     write_preview(files["preview.png"], np.stack([images[i] for i in shown]),
                   np.stack([store["xyz_local"][i][..., 2] for i in shown]).astype(np.float32),
@@ -360,6 +376,7 @@ def _reconstruct(model, scene: Scene, out: Path, params: InferParams, device: to
         "focal_px": float(K[0, 0]), "pose_methods": methods,
         "timings_s": {"load": t1 - t0, "forward": t2 - t1, "points": t3 - t2,
                       "poses_and_preview": t4 - t3, "total": t4 - t0},
+        "colmap": colmap, "refine": refined,
         "outputs": {k: str(v) for k, v in files.items()},
     }
     write_json(files["info.json"], info)

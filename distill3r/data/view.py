@@ -76,6 +76,18 @@ class ViewTransform:
         out[1, 2] = (out[1, 2] - self.box[1] + 0.5) * sy - 0.5
         return out
 
+    def source_intrinsics(self, K: np.ndarray) -> np.ndarray:
+        """``K [3,3]`` of the output -> ``K`` of the source (the inverse of
+        :meth:`intrinsics`)."""
+        sx, sy = self.scale
+        out = np.asarray(K, np.float64).copy()
+        out[0, 0] /= sx
+        out[0, 1] /= sx
+        out[1, 1] /= sy
+        out[0, 2] = (out[0, 2] + 0.5) / sx - 0.5 + self.box[0]
+        out[1, 2] = (out[1, 2] + 0.5) / sy - 0.5 + self.box[1]
+        return out
+
     def _crop(self, array: np.ndarray) -> np.ndarray:
         h, w = self.src_hw
         if array.shape[:2] != (h, w):
@@ -128,6 +140,46 @@ class ViewTransform:
         return mx.astype(np.float32), my.astype(np.float32)
 
 
+@dataclass(frozen=True)
+class ViewChain:
+    """Transforms applied one after the other (source first): how a source image of
+    ``src_hw`` became an output of ``out_hw``, and the way back for pixels and ``K``."""
+
+    steps: tuple[ViewTransform, ...]
+
+    def __post_init__(self) -> None:
+        if not self.steps:
+            raise ValueError("a view chain needs at least one transform")
+        for a, b in zip(self.steps, self.steps[1:]):
+            if a.out_hw != b.src_hw:
+                raise ValueError(f"view chain: output {a.out_hw} does not feed source {b.src_hw}")
+
+    @property
+    def src_hw(self) -> tuple[int, int]:
+        return self.steps[0].src_hw
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return self.steps[-1].out_hw
+
+    def image(self, image: np.ndarray) -> np.ndarray:
+        for step in self.steps:
+            image = step.image(image)
+        return image
+
+    def to_source(self, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Output pixel coordinates -> source pixel coordinates."""
+        for step in reversed(self.steps):
+            u, v = step.to_source(u, v)
+        return u, v
+
+    def source_intrinsics(self, K: np.ndarray) -> np.ndarray:
+        """``K`` of the output -> ``K`` of the source image."""
+        for step in reversed(self.steps):
+            K = step.source_intrinsics(K)
+        return K
+
+
 def fit_size(height: int, width: int, long_side: int, multiple: int) -> tuple[int, int]:
     """Target ``(H, W)`` with the long side ``long_side`` and the input's aspect, both rounded
     to multiples of ``multiple`` (at least one patch). Portrait stays portrait."""
@@ -154,3 +206,22 @@ def resize_crop(image: np.ndarray, size: tuple[int, int], K: np.ndarray | None =
     tf = ViewTransform.cover(image.shape[:2], tuple(size))
     return (tf.image(image), None if K is None else tf.intrinsics(K),
             None if depth is None else tf.depth(depth))
+
+
+def shrink_transform(hw: tuple[int, int], min_side: int) -> ViewTransform | None:
+    """The early downscale of very large images (to twice what any crop needs, to bound
+    memory), or None when the image is small enough."""
+    h, w = hw
+    if min(h, w) <= 2 * min_side:
+        return None
+    s = 2 * min_side / min(h, w)
+    return ViewTransform((h, w), (0, 0, w, h), (max(1, round(h * s)), max(1, round(w * s))))
+
+
+def view_chain(hw: tuple[int, int], min_side: int, out_hw: tuple[int, int]) -> ViewChain:
+    """How a source image of size ``hw`` becomes a model input of ``out_hw``: the early
+    downscale (:func:`shrink_transform`, if any), then the project's resize rule
+    (:meth:`ViewTransform.cover`)."""
+    shrink = shrink_transform(hw, min_side)
+    steps = (shrink,) if shrink is not None else ()
+    return ViewChain(steps + (ViewTransform.cover(shrink.out_hw if shrink else hw, out_hw),))

@@ -20,8 +20,8 @@ from typing import Sequence
 from distill3r.viewer.scene import find_scene_files, load_view_scene
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="view", description=__doc__.split("\n\n")[0].strip())
+def parser(prog: str = "view") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].strip())
     p.add_argument("output", help="infer output folder, a scene's output file, or its "
                    "<folder>/<scene> prefix")
     p.add_argument("--scene", help="the scene to show when the folder holds several")
@@ -67,9 +67,10 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the viewer; the exit status (1 with ``view: error: ...`` for bad input)."""
-    args = parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Run the viewer; the exit status (1 with ``view: error: ...`` for bad input). ``prog``:
+    the program name in usage lines (``distill3r view`` from the console command)."""
+    args = parser(prog or "view").parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
