@@ -337,10 +337,6 @@ class InferParams:
     token_chunk: int = 8192  # decoder tokens per chunk outside attention's keys and values
     scratch_dir: Optional[str] = None  # per-view float16 map store; null: the system temp
     colmap: bool = False  # also write <scene>_colmap/ (COLMAP sparse model + images)
-    refine: bool = False  # bundle-adjust the poses (needs pycolmap; distill3r.colmap_refine)
-    refine_stride: int = 4  # refine: anchor pixels on a grid of this step
-    refine_tolerance: float = 0.01  # refine: match distance / median point distance
-    refine_views: int = 16  # refine: each view is matched with its this-many nearest views
 
     def validate(self, where: str = "infer") -> None:
         check_choices(self, where)
@@ -351,10 +347,7 @@ class InferParams:
                   ("pnp_reprojection_px", self.pnp_reprojection_px > 0, "must be > 0"),
                   ("preview_views", self.preview_views >= 0, "must be >= 0"),
                   ("view_chunk", self.view_chunk >= 1, "must be >= 1"),
-                  ("token_chunk", self.token_chunk >= 1, "must be >= 1"),
-                  ("refine_stride", self.refine_stride >= 1, "must be >= 1"),
-                  ("refine_tolerance", self.refine_tolerance > 0, "must be > 0"),
-                  ("refine_views", self.refine_views >= 1, "must be >= 1")], self, where)
+                  ("token_chunk", self.token_chunk >= 1, "must be >= 1")], self, where)
 
 
 @dataclass

@@ -338,14 +338,8 @@ def _reconstruct(model, scene: Scene, out: Path, params: InferParams, device: to
     cams = estimate_cameras(store, keep, params.pnp_reprojection_px, params.seed)
     K, c2w, methods = cams.K, cams.c2w, cams.methods
     N, H, W = keep.shape
-    refined = None
-    if params.refine:
-        from distill3r.colmap_refine import refine_poses  # lazy: pycolmap only for --refine
-
-        c2w, refined = refine_poses(store["xyz_global"], keep, K, c2w, params)
     cameras = {"scene": scene.name, "width": W, "height": H,
                "note": "K at the processed resolution; c2w in view 0's camera frame, model scale",
-               "refined": refined is not None,
                "frames": [{"frame": i, "image": p.name, "source_size": list(chains[i].src_hw),
                            "K": K.tolist(), "c2w": c2w[i].tolist(), "pose_method": methods[i]}
                           for i, p in enumerate(scene.images)]}
@@ -376,7 +370,7 @@ def _reconstruct(model, scene: Scene, out: Path, params: InferParams, device: to
         "focal_px": float(K[0, 0]), "pose_methods": methods,
         "timings_s": {"load": t1 - t0, "forward": t2 - t1, "points": t3 - t2,
                       "poses_and_preview": t4 - t3, "total": t4 - t0},
-        "colmap": colmap, "refine": refined,
+        "colmap": colmap,
         "outputs": {k: str(v) for k, v in files.items()},
     }
     write_json(files["info.json"], info)

@@ -1,7 +1,7 @@
 """Reconstruct scenes from a folder of images with a trained student.
 
     distill3r infer IMAGES_DIR --checkpoint models/student --output-dir reports/infer \
-        [--size 112] [--conf-percentile 10] [--device auto] [--colmap] [--refine] \
+        [--size 112] [--conf-percentile 10] [--device auto] [--colmap] \
         [--params params.yaml] [--no-progress]
 
 (``python stages/infer.py ...``, the DVC stage, takes the same arguments.)
@@ -10,8 +10,7 @@ IMAGES_DIR is one scene folder of images (scene name = folder name; an rgb/ or i
 subfolder also works) or a folder of scene folders. Defaults come from the ``infer`` section of
 ``--params``; flags given on the command line override them. Writes, per scene,
 ``<scene>_student.ply``, ``<scene>_cameras.json``, ``<scene>_info.json``, ``<scene>_preview.png``,
-and with ``--colmap`` the COLMAP sparse model ``<scene>_colmap/`` (``images/``, ``sparse/0/``);
-``--refine`` bundle-adjusts the poses first (:mod:`distill3r.colmap_refine`, needs pycolmap).
+and with ``--colmap`` the COLMAP sparse model ``<scene>_colmap/`` (``images/``, ``sparse/0/``).
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ def _infer(args, params) -> int:
     from distill3r.inference import run_inference
 
     overrides = {"size": args.size, "conf_percentile": args.conf_percentile,
-                 "device": args.device, "colmap": args.colmap, "refine": args.refine}
+                 "device": args.device, "colmap": args.colmap}
     infer = dataclasses.replace(params.infer, **{k: v for k, v in overrides.items()
                                                  if v is not None})
     infer.validate("infer")
@@ -65,7 +64,4 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--colmap", action=argparse.BooleanOptionalAction, default=None,
                         help="also write <scene>_colmap/, a COLMAP sparse model with its images "
                         "(default: params infer.colmap)")
-    parser.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
-                        help="bundle-adjust the poses over cross-view point-map tracks (needs "
-                        "pycolmap; default: params infer.refine)")
     return run_stage("infer", parser, _infer, argv)
