@@ -107,9 +107,6 @@ def plan_cases(params: BenchParams) -> list[BenchCase]:
             raise ValueError(f"bench.{key}: {size} (H, W) is not a positive multiple of the "
                              f"patch size {cfg.patch_size} of model {model!r}")
         for n in sorted(set(views)):
-            if n > cfg.max_views:
-                raise ValueError(f"bench.views: {n} views exceed model {model!r}'s limit "
-                                 f"({cfg.max_views})")
             cases.append(BenchCase(
                 model=model, views=n, height=size[0], width=size[1], dtype=params.dtype,
                 device=str(device), repeats=params.repeats, warmup=params.warmup,

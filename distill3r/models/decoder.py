@@ -6,8 +6,12 @@ concatenated over views (``[B, N*P, D]``) and passed through pre-norm transforme
 global attention (``scaled_dot_product_attention``; no RoPE), then a final LayerNorm on the
 last block's output.
 
-Image indices: view 0 always gets index 0. In eval mode view i gets index i (deterministic).
-In train mode views 1..N-1 of each sample get distinct random indices from 1..max_views-1,
+Image indices: view 0 always gets index 0. In eval mode view i gets index i (deterministic)
+while ``N <= max_views``; beyond the table (``N > T = max_views``) view i >= 1 gets
+``1 + floor((i - 1) * (T - 1) / (N - 1))`` (:func:`eval_view_indices`): indices stay in the
+trained range 1..T-1, in view order, neighbouring views sharing an index where ``N > T``. The
+table itself is unchanged (it is a fixed buffer, not stored in checkpoints), so every checkpoint
+gives the same outputs as before for ``N <= T``. In train mode views 1..N-1 of each sample get distinct random indices from 1..max_views-1,
 drawn with torch's global generator on the model's device and **sorted ascending**, so the
 relative order of the views is kept (as at inference) while the model sees indices far beyond
 the training view count (a model trained on few views can run on hundreds).
@@ -20,6 +24,22 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def eval_view_indices(views: int, table: int) -> torch.Tensor:
+    """``[views]`` int64 image indices at inference for a table of ``table`` rows (see the
+    module docstring): ``0..views-1`` while ``views <= table``, else view 0 -> 0 and view
+    ``i >= 1`` -> ``1 + floor((i - 1) * (table - 1) / (views - 1))``, in 1..table-1.
+
+    Upstream Fast3R (facebookresearch/fast3r, ``src/models/fast3r.py``, ``Fast3RDecoder``)
+    builds the same kind of table over ``np.arange(1000)`` and draws ``randperm(999)[:N-1] + 1``
+    for views 1..N-1, so it has no rule beyond 1000 views (the draw runs out of indices)."""
+    if views < 1 or table < 2:
+        raise ValueError(f"need views >= 1 and an index table of >= 2 rows, got {views}, {table}")
+    if views <= table:
+        return torch.arange(views)
+    rest = torch.arange(views - 1, dtype=torch.int64) * (table - 1) // (views - 1) + 1
+    return torch.cat([torch.zeros(1, dtype=torch.int64), rest])
 
 
 def sincos_table(length: int, dim: int) -> torch.Tensor:
@@ -77,10 +97,12 @@ class FusionDecoder(nn.Module):
 
     def view_indices(self, batch: int, views: int, device: torch.device) -> torch.Tensor:
         """``[B, N]`` int64 image indices (see the module docstring)."""
-        if views > self.max_views:
-            raise ValueError(f"{views} views exceed the image-index table ({self.max_views})")
         if not self.training or views == 1:
-            return torch.arange(views, device=device).expand(batch, views)
+            idx = eval_view_indices(views, self.max_views).to(device)
+            return idx.expand(batch, views)
+        if views > self.max_views:
+            raise ValueError(f"{views} training views exceed the image-index table "
+                             f"({self.max_views}): distinct indices cannot be drawn")
         others = torch.rand(batch, self.max_views - 1, device=device).argsort(dim=1)
         others = others[:, : views - 1].sort(dim=1).values + 1
         zero = torch.zeros(batch, 1, dtype=others.dtype, device=device)

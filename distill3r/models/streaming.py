@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from distill3r.devices import autocast
-from distill3r.models.decoder import Block, FusionDecoder
+from distill3r.models.decoder import Block, FusionDecoder, eval_view_indices
 from distill3r.models.inputs import images_to_input
 
 Sink = Callable[[int, dict[str, np.ndarray]], None]
@@ -102,13 +102,12 @@ def decode_tokens(decoder: FusionDecoder, enc: torch.Tensor, blocks: list[int],
     if decoder.training:
         raise ValueError("stream_forward needs the model in eval() mode")
     n, p, _ = enc.shape
-    if n > decoder.max_views:
-        raise ValueError(f"{n} views exceed the image-index table ({decoder.max_views})")
+    table = decoder.index_table[eval_view_indices(n, decoder.max_views).to(device)]
     with autocast(device, dtype):
         x = None
         for start, stop in _chunks(n, view_chunk):
             y = decoder.proj(enc[start:stop])
-            y = y + decoder.index_table[start:stop][:, None, :].to(y.dtype)
+            y = y + table[start:stop][:, None, :].to(y.dtype)
             if x is None:
                 x = torch.empty(n, p, y.shape[-1], dtype=enc.dtype, device=device)
             x[start:stop] = y
