@@ -20,10 +20,13 @@ the training view count (a model trained on few views can run on hundreds).
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from distill3r.models.merge import TokenMerge, merged_block_
 
 
 def eval_view_indices(views: int, table: int) -> torch.Tensor:
@@ -89,6 +92,7 @@ class FusionDecoder(nn.Module):
                  max_views: int) -> None:
         super().__init__()
         self.max_views = max_views
+        self.merge: Optional[TokenMerge] = None  # token merging at inference (models.merge)
         self.proj = nn.Linear(in_dim, dim)
         self.register_buffer("index_table", sincos_table(max_views, dim), persistent=False)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
@@ -108,6 +112,17 @@ class FusionDecoder(nn.Module):
         zero = torch.zeros(batch, 1, dtype=others.dtype, device=device)
         return torch.cat([zero, others], dim=1)
 
+    def merging(self, views: int, tokens_per_view: int) -> bool:
+        """Whether a forward of ``views`` views merges tokens (``merge`` set, eval mode, some
+        token to merge); merging is inference-only: ``ValueError`` with gradients on."""
+        if (self.merge is None or self.training
+                or self.merge.merged_count(views, tokens_per_view) == 0):
+            return False
+        if torch.is_grad_enabled():
+            raise ValueError("token merging is inference-only: run the model under "
+                             "torch.inference_mode() or torch.no_grad(), or set merge to None")
+        return True
+
     def forward(self, tokens: torch.Tensor, blocks: list[int]) -> list[torch.Tensor]:
         """``blocks``: 1-based block indices to return (the last block's output is normed)."""
         b, n, p, _ = tokens.shape
@@ -115,11 +130,18 @@ class FusionDecoder(nn.Module):
         idx = self.view_indices(b, n, tokens.device)
         x = x + self.index_table[idx][:, :, None, :].to(x.dtype)
         x = x.reshape(b, n * p, -1)
+        merging = self.merging(n, p)
+        if merging:
+            x = x.clone()  # merged blocks update x in place
         outputs = []
         for i, block in enumerate(self.blocks[: max(blocks)], start=1):
-            x = block(x)
+            if merging:
+                for sample in x:
+                    merged_block_(block, sample, n, p, self.merge, token_chunk=8192)
+            else:
+                x = block(x)
             if i in blocks:
-                y = self.norm(x) if i == len(self.blocks) else x
+                y = self.norm(x) if i == len(self.blocks) else (x.clone() if merging else x)
                 outputs.append(y.view(b, n, p, -1))
         return outputs
 

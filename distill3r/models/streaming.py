@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from distill3r.devices import autocast
 from distill3r.models.decoder import Block, FusionDecoder, eval_view_indices
 from distill3r.models.inputs import images_to_input
+from distill3r.models.merge import merged_block_
 
 Sink = Callable[[int, dict[str, np.ndarray]], None]
 
@@ -114,8 +115,12 @@ def decode_tokens(decoder: FusionDecoder, enc: torch.Tensor, blocks: list[int],
         x = x.view(n * p, -1)
         outputs = []
         last = len(decoder.blocks)
+        merging = decoder.merging(n, p)
         for i, block in enumerate(decoder.blocks[: max(blocks)], start=1):
-            _block_inplace(block, x, token_chunk)
+            if merging:
+                merged_block_(block, x, n, p, decoder.merge, token_chunk)
+            else:
+                _block_inplace(block, x, token_chunk)
             if i not in blocks:
                 continue
             if i == last:  # nothing runs after the last block: normalise in place
