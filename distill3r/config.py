@@ -366,7 +366,9 @@ class InferParams:
 class BenchParams:
     """Efficiency benchmark: time and memory versus number of views."""
 
-    profile: Literal["cpu", "paper"] = "cpu"  # paper: the published table's shapes (GPU)
+    # cpu: models/views/sizes below; paper: the published table's shapes (+ 256-1000 views for
+    # students; GPU); many_views: the whole infer path at 32..1024 views of 112x112
+    profile: Literal["cpu", "paper", "many_views"] = "cpu"
     models: list[ModelName] = field(default_factory=lambda: ["paper", "fast3r-large"])
     views: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
     image_size: list[int] = field(default_factory=lambda: [224, 224])  # [H, W]
