@@ -116,3 +116,24 @@ def test_merged_flops_fall_with_the_ratio(tiny):
     plain = decoder_flops(cfg, 1, 256, 112, 112)
     assert merged_decoder_flops(cfg, 256, 112, 112, TokenMerge(ratio=0.0)) >= plain
     assert merged_decoder_flops(cfg, 256, 112, 112, TokenMerge(ratio=0.5)) < 0.5 * plain
+
+
+def test_infer_applies_model_merge_params(tmp_path):
+    from distill3r.config import InferParams, MergeParams
+    from distill3r.data.io import write_image
+    from distill3r.inference import run_inference
+    from distill3r.models import save_student
+
+    torch.manual_seed(0)
+    ckpt = save_student(build_student("tiny"), tmp_path / "student")
+    scene = tmp_path / "room"
+    scene.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        write_image(scene / f"{i}.png", rng.integers(0, 256, (28, 28, 3), np.uint8))
+    params = InferParams(size=28, device="cpu", dtype="fp32", preview_views=1)
+    (off,) = run_inference(scene, ckpt, tmp_path / "off", params, merge=MergeParams())
+    (on,) = run_inference(scene, ckpt, tmp_path / "on", params,
+                          merge=MergeParams(enabled=True, ratio=0.5, keep_views=2))
+    assert off["token_merge"] is None
+    assert on["token_merge"] == {"ratio": 0.5, "keep_views": 2}
