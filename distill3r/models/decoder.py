@@ -11,10 +11,14 @@ while ``N <= max_views``; beyond the table (``N > T = max_views``) view i >= 1 g
 ``1 + floor((i - 1) * (T - 1) / (N - 1))`` (:func:`eval_view_indices`): indices stay in the
 trained range 1..T-1, in view order, neighbouring views sharing an index where ``N > T``. The
 table itself is unchanged (it is a fixed buffer, not stored in checkpoints), so every checkpoint
-gives the same outputs as before for ``N <= T``. In train mode views 1..N-1 of each sample get distinct random indices from 1..max_views-1,
-drawn with torch's global generator on the model's device and **sorted ascending**, so the
-relative order of the views is kept (as at inference) while the model sees indices far beyond
-the training view count (a model trained on few views can run on hundreds).
+gives the same outputs as before for ``N <= T``. In train mode views 1..N-1 of each sample get
+distinct random indices from 1..max_views-1, drawn with torch's global generator on the
+model's device and **sorted ascending**, so the relative order of the views is kept (as at
+inference) while the model sees indices far beyond the training view count (a model trained on
+few views can run on hundreds); more than ``T`` training views raise ``ValueError``.
+
+Token merging (:mod:`distill3r.models.merge`): with ``decoder.merge`` set, an eval-mode forward
+under ``torch.inference_mode()``/``no_grad()`` merges tokens in every block's attention.
 """
 
 from __future__ import annotations
@@ -37,10 +41,12 @@ def eval_view_indices(views: int, table: int) -> torch.Tensor:
     Upstream Fast3R (facebookresearch/fast3r, ``src/models/fast3r.py``, ``Fast3RDecoder``)
     builds the same kind of table over ``np.arange(1000)`` and draws ``randperm(999)[:N-1] + 1``
     for views 1..N-1, so it has no rule beyond 1000 views (the draw runs out of indices)."""
-    if views < 1 or table < 2:
-        raise ValueError(f"need views >= 1 and an index table of >= 2 rows, got {views}, {table}")
+    if views < 1:
+        raise ValueError(f"need at least one view, got {views}")
     if views <= table:
         return torch.arange(views)
+    if table < 2:
+        raise ValueError(f"{views} views need an image-index table of >= 2 rows, got {table}")
     rest = torch.arange(views - 1, dtype=torch.int64) * (table - 1) // (views - 1) + 1
     return torch.cat([torch.zeros(1, dtype=torch.int64), rest])
 
