@@ -25,9 +25,9 @@ from distill3r.strict import (check_choices, check_device, flatten, from_dict, r
                               to_dict)
 
 __all__ = ["BenchParams", "CacheParams", "DataParams", "DatasetSampling", "DemoParams",
-           "EvalParams", "InferParams", "LossParams", "MergeParams", "ModelParams", "Params", "RuntimeParams",
-           "SourceParams", "TeacherParams", "TrainParams", "flatten", "from_dict",
-           "load_params", "to_dict"]
+           "EvalParams", "InferParams", "LossParams", "MergeParams", "ModelParams", "Params",
+           "RuntimeParams", "SourceParams", "TeacherParams", "TrainParams", "flatten",
+           "from_dict", "load_params", "to_dict"]
 
 ModelName = Literal["paper", "tiny", "fast3r-large"]  # distill3r.models.configs.MODEL_CONFIGS
 SamplingMode = Literal["random", "stride", "nearby"]
