@@ -10,6 +10,9 @@ view chunk at a time instead of returning them:
    queries, attention over all keys (``scaled_dot_product_attention``), the output projection,
    the MLP) runs on ``token_chunk`` tokens at a time: a chunk's queries are computed from its
    tokens before they are updated, so the block's result is the same as over all tokens;
+   With ``model.decoder.merge`` set, each block runs
+   :func:`distill3r.models.merge.merged_block_` instead (token merging, same chunking); image
+   indices follow :func:`distill3r.models.decoder.eval_view_indices` (any ``N``);
 3. the two DPT heads run on ``view_chunk`` views at a time; each chunk's maps (float32 numpy)
    go to ``sink(start, maps)`` and are dropped.
 
