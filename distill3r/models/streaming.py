@@ -1,7 +1,7 @@
 """The student's forward over many views in bounded memory (inference only).
 
 :func:`stream_forward` computes what ``Student.forward`` computes for one scene (batch 1,
-``eval()`` mode, image indices 0..N-1), in pieces, and hands the four maps to a callback one
+``eval()`` mode and its image indices), in pieces, and hands the four maps to a callback one
 view chunk at a time instead of returning them:
 
 1. the encoder runs on ``view_chunk`` views at a time; its output tokens (hook 0) are kept;
@@ -9,7 +9,7 @@ view chunk at a time instead of returning them:
    outputs and, inside each block, the attention keys and values. Everything else (LayerNorms,
    queries, attention over all keys (``scaled_dot_product_attention``), the output projection,
    the MLP) runs on ``token_chunk`` tokens at a time: a chunk's queries are computed from its
-   tokens before they are updated, so the block's result is the same as over all tokens;
+   tokens before they are updated, so the block's result is the same as over all tokens.
    With ``model.decoder.merge`` set, each block runs
    :func:`distill3r.models.merge.merged_block_` instead (token merging, same chunking); image
    indices follow :func:`distill3r.models.decoder.eval_view_indices` (any ``N``);
