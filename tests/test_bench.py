@@ -165,7 +165,9 @@ def test_infer_row_times_the_whole_infer_path():
 
     row = measure_case(BenchCase(model="tiny", views=3, height=28, width=28, dtype="fp32",
                                  device="cpu", threads=1, kind="infer"))
-    assert not row["oom"] and row["seconds"] > 0 and row["peak_mb"] > row["net_peak_mb"] > 0
+    # in-process here, so the process's earlier peak may hide the run's: net >= 0 (a bench row
+    # runs in a fresh process)
+    assert not row["oom"] and row["seconds"] > 0 and row["peak_mb"] > row["net_peak_mb"] >= 0
     assert row["seconds"] >= row["timings_s"]["forward"] > 0
     assert row["gflops"] == pytest.approx(forward_flops(get_config("tiny"), 3, 28, 28)["total"]
                                           / 1e9)
