@@ -20,7 +20,11 @@ so rows never share allocator state, caches or a memory high-water mark. The chi
 Each row carries the analytic forward FLOPs (:mod:`distill3r.flops`) so the measured speed
 ratio can be held against the compute ratio. Profiles: ``cpu`` takes models, views and sizes
 from the params; ``paper`` is the published table's setting (views 12..128; 392x518 for a
-patch-14 student, 384x512 for the patch-16 reference), meant for a CUDA machine.
+patch-14 student, 384x512 for the patch-16 reference), meant for a CUDA machine, with the
+students (not the reference: Fast3R's own 1000-view figure is 137.6 s / 63 GB on an A100) also
+at 256, 512 and 1000 views; ``many_views`` times the whole streamed ``infer`` path
+(:mod:`distill3r.bench_infer`, one cold run per row) of every model but the reference at
+32..1024 views of 112x112, on any device.
 """
 
 from __future__ import annotations
@@ -46,11 +50,14 @@ from distill3r.progress import progress_bar
 from distill3r.config import BenchParams
 from distill3r.devices import autocast, parse_dtype, resolve_device
 from distill3r.flops import forward_flops
-from distill3r.jsonio import write_json
+from distill3r.bench_report import format_table, plot_report, write_report
 from distill3r.models import build_student, get_config
 
 ROW_MARKER = "DISTILL3R_BENCH_ROW "
 PAPER_VIEWS = [12, 32, 64, 96, 128]
+PAPER_MANY_VIEWS = [256, 512, 1000]  # students only (see the module docstring)
+MANY_VIEWS = [32, 64, 128, 256, 512, 1024]
+MANY_VIEWS_SIZE = [112, 112]
 PAPER_SIZES = {14: [392, 518], 16: [384, 512]}  # by patch size: the published 4:3 inputs
 _MB = 2.0**20
 
@@ -71,12 +78,15 @@ class BenchCase:
     head_chunk_size: int = 4
     channels_last: bool = True
     seed: int = 0
+    kind: str = "forward"  # forward: the model's forward; infer: the streamed infer path
 
 
 # Planning (validates the params)
 def _model_sizes(params: BenchParams) -> list[list[int]]:
     if params.profile == "paper":
         return [PAPER_SIZES.get(get_config(m).patch_size, params.image_size) for m in params.models]
+    if params.profile == "many_views":
+        return [list(MANY_VIEWS_SIZE) for _ in params.models]
     if params.model_image_sizes is None:
         return [list(params.image_size) for _ in params.models]
     if len(params.model_image_sizes) != len(params.models):
@@ -88,34 +98,47 @@ def _model_sizes(params: BenchParams) -> list[list[int]]:
 def plan_cases(params: BenchParams) -> list[BenchCase]:
     """The rows to run, models-major; ``ValueError`` naming the ``bench.*`` key for bad params
     (``BenchParams.validate``, then what depends on the models and the machine: a size that is
-    not a multiple of the model's patch, too many views, a missing device, a ``paper`` profile
-    on a CPU)."""
+    not a multiple of the model's patch, a missing device, a ``paper`` profile on a CPU, a
+    ``many_views`` profile without a student)."""
     params.validate("bench")
-    views = PAPER_VIEWS if params.profile == "paper" else list(params.views)
+    models = list(params.models)
+    if params.profile == "many_views":
+        models = [m for m in models if m != params.reference]
+        if not models:
+            raise ValueError(f"bench.models: profile 'many_views' runs every model but the "
+                             f"reference ({params.reference!r}); list a student")
     try:
         device = resolve_device(params.device)
     except ValueError as exc:
         raise ValueError(f"bench.device: {exc}") from exc
     if params.profile == "paper" and device.type == "cpu":
-        raise ValueError("bench.profile 'paper' (up to 128 views of 392x518) is meant for a "
+        raise ValueError("bench.profile 'paper' (up to 1000 views of 392x518) is meant for a "
                          "CUDA device and would take hours on a CPU; use profile 'cpu'")
     key = "image_size" if params.model_image_sizes is None else "model_image_sizes"
     cases = []
     for model, size in zip(params.models, _model_sizes(params)):
+        if model not in models:
+            continue
         cfg = get_config(model)
         if len(size) != 2 or min(size) < 1 or size[0] % cfg.patch_size or size[1] % cfg.patch_size:
             raise ValueError(f"bench.{key}: {size} (H, W) is not a positive multiple of the "
                              f"patch size {cfg.patch_size} of model {model!r}")
-        for n in sorted(set(views)):
-            if n > cfg.max_views:
-                raise ValueError(f"bench.views: {n} views exceed model {model!r}'s limit "
-                                 f"({cfg.max_views})")
+        for n in _profile_views(params, model):
             cases.append(BenchCase(
                 model=model, views=n, height=size[0], width=size[1], dtype=params.dtype,
                 device=str(device), repeats=params.repeats, warmup=params.warmup,
                 threads=params.threads, head_chunk_size=params.head_chunk_size,
-                channels_last=params.channels_last, seed=params.seed))
+                channels_last=params.channels_last, seed=params.seed,
+                kind="infer" if params.profile == "many_views" else "forward"))
     return cases
+
+
+def _profile_views(params: BenchParams, model: str) -> list[int]:
+    if params.profile == "paper":
+        return PAPER_VIEWS + ([] if model == params.reference else PAPER_MANY_VIEWS)
+    if params.profile == "many_views":
+        return list(MANY_VIEWS)
+    return sorted(set(params.views))
 
 
 # One row (runs inside the child process)
@@ -165,8 +188,12 @@ def _time_forward(model: torch.nn.Module, images: torch.Tensor) -> tuple[float, 
 
 def measure_case(case: BenchCase) -> dict:
     """Build, warm up and time one case in this process; returns the row (see module doc)."""
-    device, dtype = torch.device(case.device), parse_dtype(case.dtype)
     threads = _cpu_threads(case.threads)
+    if case.kind == "infer":
+        from distill3r.bench_infer import measure_infer_case
+
+        return measure_infer_case(case, threads)
+    device, dtype = torch.device(case.device), parse_dtype(case.dtype)
     torch.set_num_threads(threads)
     cuda = device.type == "cuda"
     base_mb = torch.cuda.memory_allocated(device) / _MB if cuda else _rss_mb()
@@ -302,90 +329,6 @@ def _checks(ratios: list[dict], entry: dict) -> dict:
         "memory_at_most_linear": (not steps
                                   or steps[-1] <= entry.get("mean_mb_per_view", 0.0) + 5.0),
     }
-
-
-def format_table(rows: list[dict], summary: dict) -> str:
-    """A plain-text table of the rows and the ratios against the reference."""
-    head = (f"{'model':>12} {'views':>5} {'HxW':>8} {'params':>7} {'GFLOP':>8} {'s':>8} "
-            f"{'cpu s':>8} {'TFLOP/s':>7} {'peak MB':>8} {'net MB':>7} {'act MB':>7}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        shape = f"{r['height']}x{r['width']}"
-        if r.get("oom"):
-            lines.append(f"{r['model']:>12} {r['views']:5d} {shape:>8}   out of memory")
-            continue
-        lines.append(
-            f"{r['model']:>12} {r['views']:5d} {shape:>8} {r['params'] / 1e6:6.1f}M "
-            f"{r['gflops']:8.1f} {r['seconds']:8.3f} {r.get('cpu_seconds') or 0:8.3f} "
-            f"{r['tflops_per_s']:7.3f} "
-            f"{r['peak_mb']:8.0f} {r['net_peak_mb']:7.0f} {r['activation_mb']:7.0f}")
-    for model, entry in summary["models"].items():
-        steps = ", ".join(f"{a}->{b}: {s:.1f}" for (a, b), s in
-                          zip(entry["views_pairs"], entry["peak_mb_per_view"]))
-        lines.append(f"{model}: peak MB per added view {steps}")
-        for ratio in entry.get("vs_reference", {}).values():
-            lines.append(
-                f"  vs {summary['reference']} at {ratio['views']:3d} views: speed-up "
-                f"{ratio['speedup']:.2f}x, compute ratio {ratio['compute_ratio']:.2f}x "
-                f"(speed/compute {ratio['speed_vs_compute']:.2f}), memory "
-                f"{ratio['memory_ratio']:.2f} (net {ratio['net_memory_ratio']:.2f})"
-                + (f", CPU-time speed-up {ratio['cpu_time_speedup']:.2f}x"
-                   if "cpu_time_speedup" in ratio else ""))
-        for name, passed in entry.get("checks", {}).items():
-            lines.append(f"  check {name}: {'pass' if passed else 'FAIL'}")
-    return "\n".join(lines)
-
-
-def write_report(rows: list[dict], summary: dict, settings: dict, path: str | Path) -> Path:
-    """``bench.json``: ``rows`` (a list, for plots and people), ``metrics`` (the same numbers
-    keyed ``model -> views_N``, which ``dvc metrics show`` reads), ``summary``, ``settings``."""
-    keys = ("seconds", "peak_mb", "net_peak_mb", "activation_mb", "gflops", "params")
-    metrics = {}
-    for r in rows:
-        if not r.get("oom"):
-            metrics.setdefault(r["model"], {})[f"views_{r['views']}"] = {k: r[k] for k in keys}
-    payload = {"settings": settings, "rows": rows, "metrics": metrics, "summary": summary}
-    return write_json(path, payload)
-
-
-def plot_report(rows: list[dict], summary: dict, path: str | Path) -> Path:
-    """Time and peak memory versus views for every model, and speed-up against compute ratio."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for model in dict.fromkeys(r["model"] for r in rows):
-        mine = sorted((r for r in rows if r["model"] == model and not r.get("oom")),
-                      key=lambda r: r["views"])
-        views = [r["views"] for r in mine]
-        line = axes[0].plot(views, [r["seconds"] for r in mine], "o-", label=model)[0]
-        axes[1].plot(views, [r["peak_mb"] for r in mine], "o-", color=line.get_color(),
-                     label=f"{model} peak")
-        axes[1].plot(views, [r["net_peak_mb"] for r in mine], "o--", color=line.get_color(),
-                     label=f"{model} peak - runtime")
-        ratios = list(summary["models"].get(model, {}).get("vs_reference", {}).values())
-        if ratios:
-            rv = [q["views"] for q in ratios]
-            axes[2].plot(rv, [q["speedup"] for q in ratios], "o-", color=line.get_color(),
-                         label=f"{model}: measured speed-up")
-            axes[2].plot(rv, [q["compute_ratio"] for q in ratios], "s:",
-                         color=line.get_color(), label=f"{model}: FLOP ratio")
-    titles = ("inference time (s)", "memory (MB)", f"ratio vs {summary['reference']}")
-    for ax, title in zip(axes, titles):
-        ax.set_xlabel("views")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.set_ylim(bottom=0)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def bench_stage(params: BenchParams, out_json: str | Path, out_plot: str | Path,

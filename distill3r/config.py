@@ -25,9 +25,9 @@ from distill3r.strict import (check_choices, check_device, flatten, from_dict, r
                               to_dict)
 
 __all__ = ["BenchParams", "CacheParams", "DataParams", "DatasetSampling", "DemoParams",
-           "EvalParams", "InferParams", "LossParams", "ModelParams", "Params", "RuntimeParams",
-           "SourceParams", "TeacherParams", "TrainParams", "flatten", "from_dict",
-           "load_params", "to_dict"]
+           "EvalParams", "InferParams", "LossParams", "MergeParams", "ModelParams", "Params",
+           "RuntimeParams", "SourceParams", "TeacherParams", "TrainParams", "flatten",
+           "from_dict", "load_params", "to_dict"]
 
 ModelName = Literal["paper", "tiny", "fast3r-large"]  # distill3r.models.configs.MODEL_CONFIGS
 SamplingMode = Literal["random", "stride", "nearby"]
@@ -203,16 +203,36 @@ class TeacherParams:
 
 
 @dataclass
+class MergeParams:
+    """Training-free token merging in the fusion decoder's global attention, at inference only
+    (``distill3r.models.merge``): per block, ``ratio`` of the tokens of views
+    ``keep_views..N-1`` are merged into their most similar destination token before attention
+    and get its output back after; the first ``keep_views`` views (view 0 at least) are never
+    merged. Off by default."""
+
+    enabled: bool = False
+    ratio: float = 0.5  # in [0, 0.75] (every 4th token of a merged view is a destination)
+    keep_views: int = 1
+
+    def validate(self, where: str = "model.merge") -> None:
+        require([("ratio", 0.0 <= self.ratio <= 0.75, "must be in [0, 0.75]"),
+                  ("keep_views", self.keep_views >= 1, "must be >= 1 (view 0 is always kept)")],
+                self, where)
+
+
+@dataclass
 class ModelParams:
     """The student: a named configuration plus run-time options."""
 
     name: ModelName = "tiny"
     encoder_weights: Optional[str] = None  # DUNE checkpoint path, or null for random init
     head_chunk_size: int = 8  # views per DPT-head chunk (bounds memory at many views)
+    merge: MergeParams = field(default_factory=MergeParams)  # inference only
 
     def validate(self, where: str = "model") -> None:
         check_choices(self, where)
         require([("head_chunk_size", self.head_chunk_size >= 1, "must be >= 1")], self, where)
+        self.merge.validate(f"{where}.merge")
 
 
 @dataclass
@@ -354,7 +374,9 @@ class InferParams:
 class BenchParams:
     """Efficiency benchmark: time and memory versus number of views."""
 
-    profile: Literal["cpu", "paper"] = "cpu"  # paper: the published table's shapes (GPU)
+    # cpu: models/views/sizes below; paper: the published table's shapes (+ 256-1000 views for
+    # students; GPU); many_views: the whole infer path at 32..1024 views of 112x112
+    profile: Literal["cpu", "paper", "many_views"] = "cpu"
     models: list[ModelName] = field(default_factory=lambda: ["paper", "fast3r-large"])
     views: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
     image_size: list[int] = field(default_factory=lambda: [224, 224])  # [H, W]

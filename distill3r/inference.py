@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from distill3r.colmap_export import ExportView, write_colmap
-from distill3r.config import InferParams
+from distill3r.config import InferParams, MergeParams
 from distill3r.data.io import (IMAGE_SUBFOLDERS, IMAGE_SUFFIXES, is_image_file, natural_key,
                                read_image, scene_images)
 from distill3r.data.view import ViewChain, ViewTransform, fit_size, shrink_transform, view_chain
@@ -365,6 +365,7 @@ def _reconstruct(model, scene: Scene, out: Path, params: InferParams, device: to
         "checkpoint_fingerprint": checkpoint and checkpoint_fingerprint(checkpoint),
         "model": getattr(config, "name", None), "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
+        "token_merge": _merge_info(model),
         "conf_percentile": params.conf_percentile, "conf_threshold": threshold,
         "points_total": int(N * H * W), "points_kept": int(kept),
         "focal_px": float(K[0, 0]), "pose_methods": methods,
@@ -377,10 +378,26 @@ def _reconstruct(model, scene: Scene, out: Path, params: InferParams, device: to
     return info
 
 
+def set_token_merge(model: torch.nn.Module, merge: MergeParams | None) -> None:
+    """Switch the student's decoder token merging (``distill3r.models.merge``) on as
+    ``merge`` says, or off for ``None`` / ``enabled: false``."""
+    from distill3r.models.merge import TokenMerge  # lazy: the model code is only needed here
+
+    on = merge is not None and merge.enabled
+    model.decoder.merge = TokenMerge(merge.ratio, merge.keep_views) if on else None
+
+
+def _merge_info(model) -> dict | None:
+    merge = getattr(getattr(model, "decoder", None), "merge", None)
+    return None if merge is None else {"ratio": merge.ratio, "keep_views": merge.keep_views}
+
+
 def run_inference(images_dir: str | Path, checkpoint: str | Path, output_dir: str | Path,
                   params: InferParams | None = None,
-                  failures: list[tuple[str, str]] | None = None) -> list[dict]:
-    """Find the scenes, load the student from ``checkpoint`` and reconstruct every scene.
+                  failures: list[tuple[str, str]] | None = None,
+                  merge: MergeParams | None = None) -> list[dict]:
+    """Find the scenes, load the student from ``checkpoint`` and reconstruct every scene
+    (with decoder token merging where ``merge.enabled``).
 
     With a ``failures`` list, a scene whose input is bad (``ValueError``) is appended to it as
     ``(scene, message)`` and the other scenes still run; without one the error propagates."""
@@ -397,6 +414,7 @@ def run_inference(images_dir: str | Path, checkpoint: str | Path, output_dir: st
         model = load_student(ckpt, device=device)
     except ValueError as exc:
         raise ValueError(f"cannot load the student from {ckpt}: {exc}") from exc
+    set_token_merge(model, merge)
     infos = []
     for scene in scenes:
         log.info("%s: %d image(s)", scene.name, len(scene.images))

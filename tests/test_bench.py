@@ -119,6 +119,7 @@ def test_summary_ratios_and_checks():
     ({"dtype": "int8"}, r"bench\.dtype.*int8.*bf16"),
     ({"repeats": 0}, r"bench\.repeats"),
     ({"device": "cpu", "profile": "paper"}, r"bench\.profile 'paper'.*CUDA"),
+    ({"profile": "many_views", "models": ["fast3r-large"]}, r"bench\.models.*many_views"),
 ])
 def test_bad_params_raise_clear_errors(overrides, match):
     with pytest.raises(ValueError, match=match):
@@ -142,3 +143,31 @@ def test_paper_profile_uses_the_published_shapes():
     params = BenchParams(profile="paper", device="cpu")
     assert _model_sizes(params) == [[392, 518], [384, 512]]  # patch 14 student, patch 16 Fast3R
     assert PAPER_VIEWS == [12, 32, 64, 96, 128]
+
+
+def test_paper_profile_runs_students_to_1000_views_and_the_reference_to_128():
+    from distill3r.bench import _profile_views
+
+    params = BenchParams(profile="paper", device="cuda")  # planned, not run: no GPU needed
+    assert _profile_views(params, "paper") == [12, 32, 64, 96, 128, 256, 512, 1000]
+    assert _profile_views(params, "fast3r-large") == [12, 32, 64, 96, 128]
+
+
+def test_many_views_profile_plans_infer_rows_of_the_students():
+    cases = plan_cases(BenchParams(profile="many_views", models=["tiny", "fast3r-large"],
+                                   device="cpu"))
+    assert [(c.model, c.views, c.height, c.width, c.kind) for c in cases] == [
+        ("tiny", n, 112, 112, "infer") for n in (32, 64, 128, 256, 512, 1024)]
+
+
+def test_infer_row_times_the_whole_infer_path():
+    from distill3r.bench import measure_case
+
+    row = measure_case(BenchCase(model="tiny", views=3, height=28, width=28, dtype="fp32",
+                                 device="cpu", threads=1, kind="infer"))
+    # in-process here, so the process's earlier peak may hide the run's: net >= 0 (a bench row
+    # runs in a fresh process)
+    assert not row["oom"] and row["seconds"] > 0 and row["peak_mb"] > row["net_peak_mb"] >= 0
+    assert row["seconds"] >= row["timings_s"]["forward"] > 0
+    assert row["gflops"] == pytest.approx(forward_flops(get_config("tiny"), 3, 28, 28)["total"]
+                                          / 1e9)

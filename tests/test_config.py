@@ -114,6 +114,11 @@ def test_choice_error_names_key_value_and_choices(tmp_path):
     ("eval", "device", "gpu0", r"eval\.device: 'gpu0' is not a device"),
     ("runtime", "threads", 0, r"runtime\.threads=0: must be >= 1 or null"),
     ("demo", "num_scenes", 0, r"demo\.num_scenes=0: must be >= 1"),
+    ("model", "merge", {"enabled": True, "ratio": 0.9, "keep_views": 1},
+     r"model\.merge\.ratio=0\.9: must be in \[0, 0\.75\]"),
+    ("model", "merge", {"enabled": True, "ratio": 0.5, "keep_views": 0},
+     r"model\.merge\.keep_views=0"),
+    ("model", "merge", {"enabled": True, "ratio": 0.5, "keep": 1}, r"model\.merge.*keep"),
 ])
 def test_every_section_is_validated_at_load(tmp_path, section, key, value, match):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -132,6 +132,43 @@ def test_view_indices_train_random_eval_ordered(tiny):
         decoder.view_indices(1, 1001, torch.device("cpu"))
 
 
+def test_eval_view_indices_beyond_the_table():
+    from distill3r.models.decoder import eval_view_indices
+
+    assert eval_view_indices(1000, 1000).tolist() == list(range(1000))  # unchanged up to T
+    idx = eval_view_indices(1024, 1000)
+    assert idx[0] == 0 and idx[1] == 1 and idx[-1] == 999 and len(idx) == 1024
+    steps = idx[1:].diff()
+    assert ((steps == 0) | (steps == 1)).all()  # in view order, every index 1..999 used
+    assert set(idx[1:].tolist()) == set(range(1, 1000))
+    assert eval_view_indices(7, 4).tolist() == [0, 1, 1, 2, 2, 3, 3]
+
+
+def test_more_views_than_the_table_in_eval_mode():
+    """An eval-mode forward past the table (here T=4, 7 views) runs and the streamed path
+    gives the same maps; train mode still refuses (distinct indices cannot be drawn)."""
+    import numpy as np
+    from dataclasses import replace
+
+    from distill3r.models.streaming import stream_forward
+
+    torch.manual_seed(0)
+    model = Student(replace(get_config("tiny"), max_views=4)).eval()
+    x = (torch.rand(1, 7, 3, 28, 28, generator=torch.Generator().manual_seed(0)) * 255).round()
+    with torch.inference_mode():
+        full = model(x / 255.0)
+    got = {}
+    stream_forward(model, x[0].permute(0, 2, 3, 1).to(torch.uint8).numpy(), torch.device("cpu"),
+                   torch.float32, lambda s, m: got.update({(s, k): v for k, v in m.items()}),
+                   view_chunk=3, token_chunk=50)
+    for key in full:
+        streamed = np.concatenate([got[(s, key)] for s in (0, 3, 6)])
+        np.testing.assert_allclose(streamed, full[key][0].numpy(), rtol=1e-4, atol=1e-4)
+    model.train()
+    with pytest.raises(ValueError, match="training views"):
+        model(x[:, :5] / 255.0)
+
+
 def test_train_mode_outputs_depend_on_view_indices(tiny):
     tiny.train()
     x = _images(1, 3, 28, 28, seed=5)

@@ -32,7 +32,7 @@ def _infer(args, params) -> int:
     infer.validate("infer")
     failures: list[tuple[str, str]] = []
     infos = run_inference(args.images_dir, args.checkpoint, args.output_dir, infer,
-                          failures=failures)
+                          failures=failures, merge=params.model.merge)
     for info in infos:
         print(f"{info['scene']}: {info['views']} view(s) at {info['resolution'][0]}x"
               f"{info['resolution'][1]}, {info['points_kept']} points, "

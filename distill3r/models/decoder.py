@@ -6,20 +6,49 @@ concatenated over views (``[B, N*P, D]``) and passed through pre-norm transforme
 global attention (``scaled_dot_product_attention``; no RoPE), then a final LayerNorm on the
 last block's output.
 
-Image indices: view 0 always gets index 0. In eval mode view i gets index i (deterministic).
-In train mode views 1..N-1 of each sample get distinct random indices from 1..max_views-1,
-drawn with torch's global generator on the model's device and **sorted ascending**, so the
-relative order of the views is kept (as at inference) while the model sees indices far beyond
-the training view count (a model trained on few views can run on hundreds).
+Image indices: view 0 always gets index 0. In eval mode view i gets index i (deterministic)
+while ``N <= max_views``; beyond the table (``N > T = max_views``) view i >= 1 gets
+``1 + floor((i - 1) * (T - 1) / (N - 1))`` (:func:`eval_view_indices`): indices stay in the
+trained range 1..T-1, in view order, neighbouring views sharing an index where ``N > T``. The
+table itself is unchanged (it is a fixed buffer, not stored in checkpoints), so every checkpoint
+gives the same outputs as before for ``N <= T``. In train mode views 1..N-1 of each sample get
+distinct random indices from 1..max_views-1, drawn with torch's global generator on the
+model's device and **sorted ascending**, so the relative order of the views is kept (as at
+inference) while the model sees indices far beyond the training view count (a model trained on
+few views can run on hundreds); more than ``T`` training views raise ``ValueError``.
+
+Token merging (:mod:`distill3r.models.merge`): with ``decoder.merge`` set, an eval-mode forward
+under ``torch.inference_mode()``/``no_grad()`` merges tokens in every block's attention.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from distill3r.models.merge import TokenMerge, merged_block_
+
+
+def eval_view_indices(views: int, table: int) -> torch.Tensor:
+    """``[views]`` int64 image indices at inference for a table of ``table`` rows (see the
+    module docstring): ``0..views-1`` while ``views <= table``, else view 0 -> 0 and view
+    ``i >= 1`` -> ``1 + floor((i - 1) * (table - 1) / (views - 1))``, in 1..table-1.
+
+    Upstream Fast3R (facebookresearch/fast3r, ``src/models/fast3r.py``, ``Fast3RDecoder``)
+    builds the same kind of table over ``np.arange(1000)`` and draws ``randperm(999)[:N-1] + 1``
+    for views 1..N-1, so it has no rule beyond 1000 views (the draw runs out of indices)."""
+    if views < 1:
+        raise ValueError(f"need at least one view, got {views}")
+    if views <= table:
+        return torch.arange(views)
+    if table < 2:
+        raise ValueError(f"{views} views need an image-index table of >= 2 rows, got {table}")
+    rest = torch.arange(views - 1, dtype=torch.int64) * (table - 1) // (views - 1) + 1
+    return torch.cat([torch.zeros(1, dtype=torch.int64), rest])
 
 
 def sincos_table(length: int, dim: int) -> torch.Tensor:
@@ -69,6 +98,7 @@ class FusionDecoder(nn.Module):
                  max_views: int) -> None:
         super().__init__()
         self.max_views = max_views
+        self.merge: Optional[TokenMerge] = None  # token merging at inference (models.merge)
         self.proj = nn.Linear(in_dim, dim)
         self.register_buffer("index_table", sincos_table(max_views, dim), persistent=False)
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
@@ -77,14 +107,27 @@ class FusionDecoder(nn.Module):
 
     def view_indices(self, batch: int, views: int, device: torch.device) -> torch.Tensor:
         """``[B, N]`` int64 image indices (see the module docstring)."""
-        if views > self.max_views:
-            raise ValueError(f"{views} views exceed the image-index table ({self.max_views})")
         if not self.training or views == 1:
-            return torch.arange(views, device=device).expand(batch, views)
+            idx = eval_view_indices(views, self.max_views).to(device)
+            return idx.expand(batch, views)
+        if views > self.max_views:
+            raise ValueError(f"{views} training views exceed the image-index table "
+                             f"({self.max_views}): distinct indices cannot be drawn")
         others = torch.rand(batch, self.max_views - 1, device=device).argsort(dim=1)
         others = others[:, : views - 1].sort(dim=1).values + 1
         zero = torch.zeros(batch, 1, dtype=others.dtype, device=device)
         return torch.cat([zero, others], dim=1)
+
+    def merging(self, views: int, tokens_per_view: int) -> bool:
+        """Whether a forward of ``views`` views merges tokens (``merge`` set, eval mode, some
+        token to merge); merging is inference-only: ``ValueError`` with gradients on."""
+        if (self.merge is None or self.training
+                or self.merge.merged_count(views, tokens_per_view) == 0):
+            return False
+        if torch.is_grad_enabled():
+            raise ValueError("token merging is inference-only: run the model under "
+                             "torch.inference_mode() or torch.no_grad(), or set merge to None")
+        return True
 
     def forward(self, tokens: torch.Tensor, blocks: list[int]) -> list[torch.Tensor]:
         """``blocks``: 1-based block indices to return (the last block's output is normed)."""
@@ -93,11 +136,18 @@ class FusionDecoder(nn.Module):
         idx = self.view_indices(b, n, tokens.device)
         x = x + self.index_table[idx][:, :, None, :].to(x.dtype)
         x = x.reshape(b, n * p, -1)
+        merging = self.merging(n, p)
+        if merging:
+            x = x.clone()  # merged blocks update x in place
         outputs = []
         for i, block in enumerate(self.blocks[: max(blocks)], start=1):
-            x = block(x)
+            if merging:
+                for sample in x:
+                    merged_block_(block, sample, n, p, self.merge, token_chunk=8192)
+            else:
+                x = block(x)
             if i in blocks:
-                y = self.norm(x) if i == len(self.blocks) else x
+                y = self.norm(x) if i == len(self.blocks) else (x.clone() if merging else x)
                 outputs.append(y.view(b, n, p, -1))
         return outputs
 

@@ -1,7 +1,7 @@
 """The student's forward over many views in bounded memory (inference only).
 
 :func:`stream_forward` computes what ``Student.forward`` computes for one scene (batch 1,
-``eval()`` mode, image indices 0..N-1), in pieces, and hands the four maps to a callback one
+``eval()`` mode and its image indices), in pieces, and hands the four maps to a callback one
 view chunk at a time instead of returning them:
 
 1. the encoder runs on ``view_chunk`` views at a time; its output tokens (hook 0) are kept;
@@ -9,7 +9,10 @@ view chunk at a time instead of returning them:
    outputs and, inside each block, the attention keys and values. Everything else (LayerNorms,
    queries, attention over all keys (``scaled_dot_product_attention``), the output projection,
    the MLP) runs on ``token_chunk`` tokens at a time: a chunk's queries are computed from its
-   tokens before they are updated, so the block's result is the same as over all tokens;
+   tokens before they are updated, so the block's result is the same as over all tokens.
+   With ``model.decoder.merge`` set, each block runs
+   :func:`distill3r.models.merge.merged_block_` instead (token merging, same chunking); image
+   indices follow :func:`distill3r.models.decoder.eval_view_indices` (any ``N``);
 3. the two DPT heads run on ``view_chunk`` views at a time; each chunk's maps (float32 numpy)
    go to ``sink(start, maps)`` and are dropped.
 
@@ -34,8 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from distill3r.devices import autocast
-from distill3r.models.decoder import Block, FusionDecoder
+from distill3r.models.decoder import Block, FusionDecoder, eval_view_indices
 from distill3r.models.inputs import images_to_input
+from distill3r.models.merge import merged_block_
 
 Sink = Callable[[int, dict[str, np.ndarray]], None]
 
@@ -102,21 +106,24 @@ def decode_tokens(decoder: FusionDecoder, enc: torch.Tensor, blocks: list[int],
     if decoder.training:
         raise ValueError("stream_forward needs the model in eval() mode")
     n, p, _ = enc.shape
-    if n > decoder.max_views:
-        raise ValueError(f"{n} views exceed the image-index table ({decoder.max_views})")
+    table = decoder.index_table[eval_view_indices(n, decoder.max_views).to(device)]
     with autocast(device, dtype):
         x = None
         for start, stop in _chunks(n, view_chunk):
             y = decoder.proj(enc[start:stop])
-            y = y + decoder.index_table[start:stop][:, None, :].to(y.dtype)
+            y = y + table[start:stop][:, None, :].to(y.dtype)
             if x is None:
                 x = torch.empty(n, p, y.shape[-1], dtype=enc.dtype, device=device)
             x[start:stop] = y
         x = x.view(n * p, -1)
         outputs = []
         last = len(decoder.blocks)
+        merging = decoder.merging(n, p)
         for i, block in enumerate(decoder.blocks[: max(blocks)], start=1):
-            _block_inplace(block, x, token_chunk)
+            if merging:
+                merged_block_(block, x, n, p, decoder.merge, token_chunk)
+            else:
+                _block_inplace(block, x, token_chunk)
             if i not in blocks:
                 continue
             if i == last:  # nothing runs after the last block: normalise in place
