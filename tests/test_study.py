@@ -71,3 +71,36 @@ def test_ablation_table_groups_seeds_with_their_spread():
     assert lines[0] == "| loss.weighting | seeds | runs | student.abs_rel | student.chamfer |"
     assert lines[2] == "| teacher | 0, 1 | a, b | 0.3000 ± 0.1414 | - |"
     assert lines[3] == "| none | 0 | c | 0.3000 | - |"
+
+
+def test_study_params_load_and_agree():
+    """The study's params files are valid, and what must match between them does: the student
+    learns and is scored on the same view sampling of the same split, teacher and student are
+    scored alike, the student is smaller than its teacher, set B is not set A."""
+    from pathlib import Path
+
+    from distill3r.config import load_params, to_dict
+    from distill3r.models import count_parameters, get_config
+    from distill3r.models.student import Student
+
+    study = Path(__file__).resolve().parents[1] / "studies" / "distill"
+    teacher, student, truth = (load_params(study / f"{n}.yaml")
+                               for n in ("teacher", "params", "groundtruth"))
+    assert to_dict(student.cache) == to_dict(truth.cache)
+    assert to_dict(teacher.eval) == to_dict(student.eval)
+    (unlabeled,), (labelled,) = student.data.sources, truth.data.sources
+    assert (unlabeled.kind, labelled.kind) == ("images", "demo")
+    assert unlabeled.root == labelled.root and unlabeled.name == labelled.name
+    for key in ("val_fraction", "split_salt"):
+        assert getattr(student.data, key) == getattr(truth.data, key)
+    assert student.demo.seed != teacher.demo.seed
+    assert (student.teacher.name, truth.teacher.name) == ("checkpoint", "groundtruth")
+    assert student.bench.models == [teacher.model.name, student.model.name]
+
+    def size(name):
+        import torch
+
+        with torch.device("meta"):
+            return count_parameters(Student(get_config(name)))["total"]
+
+    assert size(student.model.name) < size(teacher.model.name)
