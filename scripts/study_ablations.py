@@ -47,11 +47,14 @@ def _dvc(*args: str, capture: bool = False) -> str:
 
 
 def queue(prefix: str, extra: list[str]) -> list[str]:
-    """Queue every ablation (``--force``: a rerun replaces the experiment of the same name)."""
+    """Queue every ablation; an earlier experiment of the same name is removed first (not
+    ``dvc exp run --force``, which would also rerun every stage, run cache or not)."""
     names = []
     for name, overrides in ABLATIONS.items():
+        subprocess.run(["dvc", "exp", "remove", prefix + name], cwd=STUDY, check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         sets = [a for s in [*extra, *overrides] for a in ("-S", s)]
-        _dvc("exp", "run", "--queue", "--force", "-n", prefix + name, *sets)
+        _dvc("exp", "run", "--queue", "-n", prefix + name, *sets)
         names.append(prefix + name)
     return names
 
