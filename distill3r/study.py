@@ -190,6 +190,9 @@ def ablation_table(runs: Iterable[Mapping[str, Any]], config_keys: tuple[str, ..
         runs: one mapping per run with ``name``, ``params`` (flat dotted keys) and ``metrics``
             (flat dotted keys of :func:`study_report`'s output).
     """
+    def text(value: Any) -> str:  # DVC reads YAML ints back as floats: 1.0 -> "1"
+        return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for run in runs:
         key = tuple(run["params"].get(k) for k in config_keys)
@@ -197,8 +200,8 @@ def ablation_table(runs: Iterable[Mapping[str, Any]], config_keys: tuple[str, ..
     head = [*config_keys, "seeds", "runs", *columns]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for key, members in groups.items():
-        seeds = sorted({str(r["params"].get(seed_key)) for r in members})
-        cells = [str(v) for v in key] + [", ".join(seeds), ", ".join(r["name"] for r in members)]
+        seeds = sorted({text(r["params"].get(seed_key)) for r in members})
+        cells = [text(v) for v in key] + [", ".join(seeds), ", ".join(r["name"] for r in members)]
         for column in columns:
             values = [float(v) for r in members
                       if isinstance(v := r["metrics"].get(column), (int, float))]

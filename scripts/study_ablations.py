@@ -1,7 +1,7 @@
 """The published ablations of the learned-teacher study as queued DVC experiments, and their table.
 
     python scripts/study_ablations.py                 # queue, run one at a time, tabulate
-    python scripts/study_ablations.py --collect       # only tabulate finished experiments
+    python scripts/study_ablations.py --collect [--rev COMMIT]   # only tabulate finished ones
     python scripts/study_ablations.py --prefix smoke- --set train.max_steps=20 ...  # toy scale
 
 Queues one experiment of ``studies/distill`` per configuration (:data:`ABLATIONS`: confidence
@@ -78,15 +78,22 @@ def _value(row: dict, key: str, file: str | None = None):
     return matches[0] if len(matches) == 1 else None
 
 
-def collect(names: list[str]) -> list[dict]:
-    """The finished experiments named ``names`` as :func:`ablation_table` runs."""
+def head() -> str:
+    """The commit experiments queued now are based on."""
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, check=True, text=True,
+                          stdout=subprocess.PIPE).stdout.strip()
+
+
+def collect(names: list[str], rev: str) -> list[dict]:
+    """The finished experiments named ``names`` of baseline commit ``rev`` as
+    :func:`ablation_table` runs."""
     import dvc.api
 
     metrics = ("student.abs_rel", "student.chamfer", "student.rra15", "student.maa30",
                "student_vs_teacher.abs_rel", "student_vs_teacher.chamfer", "student.train_s",
                "student.params_m", "teacher.abs_rel")
     runs = []
-    for row in dvc.api.exp_show(repo=str(ROOT)):
+    for row in dvc.api.exp_show(repo=str(ROOT), revs=rev):
         if row.get("Experiment") not in names:
             continue
         runs.append({
@@ -104,15 +111,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="a `dvc exp run -S` override for every experiment (repeatable)")
     parser.add_argument("--collect", action="store_true",
                         help="only tabulate the finished experiments")
+    parser.add_argument("--rev", help="with --collect: the experiments' baseline commit "
+                        "(default HEAD; `dvc exp list --all-commits` lists them)")
     parser.add_argument("--out", default=str(STUDY / "reports" / "ablations.md"))
     args = parser.parse_args(argv)
     names = [args.prefix + n for n in ABLATIONS]
+    rev = args.rev or head()  # queued now: based on this commit, wherever HEAD moves meanwhile
     if not args.collect:
         queue(args.prefix, args.set)
         run_queue()
-    runs = collect(names)
+    runs = collect(names, rev)
     if not runs:
-        print(f"no finished experiment named {', '.join(names)}", file=sys.stderr)
+        print(f"no finished experiment named {', '.join(names)} based on {rev}",
+              file=sys.stderr)
         return 1
     table = ablation_table(runs, CONFIG_KEYS)
     with replacing(args.out) as tmp:

@@ -64,7 +64,7 @@ def test_ablation_table_groups_seeds_with_their_spread():
         return {"name": name, "params": {"loss.weighting": weighting, "train.seed": seed},
                 "metrics": {"student.abs_rel": abs_rel, "student.chamfer": "!"}}
 
-    table = ablation_table([run("a", "teacher", 0, 0.2), run("b", "teacher", 1, 0.4),
+    table = ablation_table([run("a", "teacher", 0, 0.2), run("b", "teacher", 1.0, 0.4),
                             run("c", "none", 0, 0.3)], ("loss.weighting",),
                            columns=("student.abs_rel", "student.chamfer"))
     lines = table.splitlines()
