@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo bench plots test test-fast test-gpu lock clean-demo
+.PHONY: setup demo bench plots study study-ablations test test-fast test-gpu lock clean-demo
 
 setup: $(STAMP)
 
@@ -26,6 +26,14 @@ demo: setup
 # Time and memory versus views (minutes; run it on a quiet machine).
 bench: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro bench
+
+# The learned-teacher study (studies/distill, README "Learned-teacher study"): about an hour on
+# a quiet 2-core CPU; then its ablations as queued DVC experiments (one at a time, ~15 min
+# each) and their table (studies/distill/reports/ablations.md).
+study: setup
+	cd studies/distill && PATH="$(abspath $(BIN)):$$PATH" $(abspath $(BIN))/dvc repro
+study-ablations: setup
+	cd studies/distill && PATH="$(abspath $(BIN)):$$PATH" $(abspath $(BIN))/python ../../scripts/study_ablations.py
 
 # dvc plots as a self-contained HTML page (no CDN: the vega scripts are inlined).
 PLOTS_TEMPLATE := $(VENV)/share/distill3r/plots-offline.html

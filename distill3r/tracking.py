@@ -326,7 +326,8 @@ def write_run_ref(path: str | Path, run: Any, tracking_uri: str | None = None) -
 
     The repository's own store (:func:`default_store_uri`) is written as ``null``, so the file
     stays right in a clone or a moved copy of the repository (it is committed with the code);
-    :func:`read_run_ref` resolves it again (the DVC repository holding the file)."""
+    :func:`read_run_ref` resolves it again (``$DVC_ROOT`` under DVC, else the DVC repository
+    holding the file)."""
     import mlflow
 
     info = run.info
@@ -354,6 +355,16 @@ def optional_run_ref(path: str | Path | None) -> RunRef | None:
     return read_run_ref(path)
 
 
+def _ref_repo(path: Path) -> Path | None:
+    """The repository whose store a ``null`` reference means: ``$DVC_ROOT`` under DVC (as
+    :func:`write_run_ref` wrote it: in a queued or ``--temp`` experiment the file lies in a
+    temporary copy, the run in the main repository's store), else the DVC repository holding
+    the file (a clone or a moved copy)."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"])
+    return next((d for d in path.resolve().parents if (d / ".dvc").is_dir()), None)
+
+
 def read_run_ref(path: str | Path) -> RunRef:
     """Read a file written by :func:`write_run_ref` (``ValueError`` naming the file if bad)."""
     raw = read_json(path, "MLflow run reference", "run the train stage first")
@@ -362,9 +373,8 @@ def read_run_ref(path: str | Path) -> RunRef:
     unknown = sorted(set(raw) - names)
     if missing or unknown:
         raise ValueError(f"{path}: missing key(s) {missing}, unknown key(s) {unknown}")
-    if raw["tracking_uri"] is None:  # the store of the repository holding the file
-        repo = next((d for d in Path(path).resolve().parents if (d / ".dvc").is_dir()), None)
-        raw["tracking_uri"] = default_store_uri(repo)
+    if raw["tracking_uri"] is None:  # the repository's own store
+        raw["tracking_uri"] = default_store_uri(_ref_repo(Path(path)))
     for key in ("run_id", "experiment_id", "tracking_uri"):
         if not isinstance(raw[key], str) or not raw[key]:
             raise ValueError(f"{path}: {key} must be a non-empty string, got {raw[key]!r}")

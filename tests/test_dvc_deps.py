@@ -1,4 +1,5 @@
-"""Every package file a stage imports is a dependency of that stage in ``dvc.yaml``.
+"""Every package file a stage imports is a dependency of that stage in ``dvc.yaml`` (the root
+pipeline's and every study's, ``studies/*/dvc.yaml``, whose deps are relative to its folder).
 
 The import closure is found statically: each stage script and every ``distill3r`` module it
 reaches is parsed with :mod:`ast`, and every ``import`` / ``from ... import`` anywhere in the file
@@ -74,25 +75,47 @@ def import_closure(script: Path) -> set[Path]:
     return {p.relative_to(ROOT) for p in seen}
 
 
-def _covered(file: Path, deps: list[str]) -> bool:
-    return any(file == Path(d) or Path(d) in file.parents for d in deps)
+def _covered(file: Path, deps: list[Path]) -> bool:
+    return any(file == d or d in file.parents for d in deps)
 
 
-def _stages() -> dict:
-    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+def _pipelines() -> list[Path]:
+    """The root ``dvc.yaml`` and every study's (``studies/*/dvc.yaml``)."""
+    return [ROOT / "dvc.yaml", *sorted(ROOT.glob("studies/*/dvc.yaml"))]
 
 
-def _stage_script(stage: dict) -> Path:
-    deps = [d for d in stage["deps"] if str(d).startswith("stages/") and str(d).endswith(".py")]
-    assert len(deps) == 1, f"expected one stages/*.py dependency, got {deps}"
-    return ROOT / deps[0]
+def _stages() -> dict[str, tuple[Path, dict]]:
+    """``{"<dvc.yaml, repo-relative>:<stage>": (the stages' working directory, stage)}``."""
+    out = {}
+    for dvc_yaml in _pipelines():
+        pipeline = yaml.safe_load(dvc_yaml.read_text())["stages"]
+        for name, stage in pipeline.items():
+            wdir = (dvc_yaml.parent / stage.get("wdir", ".")).resolve()
+            out[f"{dvc_yaml.relative_to(ROOT)}:{name}"] = (wdir, stage)
+    return out
+
+
+def _repo_deps(wdir: Path, stage: dict) -> list[Path]:
+    """The stage's deps as repository-relative paths (deps outside the repository dropped)."""
+    paths = [(wdir / str(d)).resolve() for d in stage["deps"]]
+    return [p.relative_to(ROOT) for p in paths if p.is_relative_to(ROOT)]
+
+
+def _stage_script(deps: list[Path]) -> Path:
+    scripts = [d for d in deps if d.parts[0] == "stages" and d.suffix == ".py"]
+    assert len(scripts) == 1, f"expected one stages/*.py dependency, got {scripts}"
+    return ROOT / scripts[0]
+
+
+def test_studies_are_checked():
+    assert "studies/distill/dvc.yaml:train_student" in _stages()
 
 
 @pytest.mark.parametrize("name", sorted(_stages()))
 def test_stage_deps_cover_import_closure(name):
-    stage = _stages()[name]
-    deps = [str(d) for d in stage["deps"]]
-    missing = sorted(str(f) for f in import_closure(_stage_script(stage)) if not _covered(f, deps))
+    wdir, stage = _stages()[name]
+    deps = _repo_deps(wdir, stage)
+    missing = sorted(str(f) for f in import_closure(_stage_script(deps)) if not _covered(f, deps))
     assert not missing, f"stage {name}: dvc.yaml deps miss imported file(s): {', '.join(missing)}"
 
 

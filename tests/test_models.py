@@ -49,6 +49,13 @@ def test_tiny_is_small():
     assert 1e6 < _meta_counts("tiny")["total"] < 10e6
 
 
+def test_micro_is_a_smaller_student_of_the_same_structure():
+    micro, tiny = _meta_counts("micro"), _meta_counts("tiny")
+    assert 1e6 < micro["total"] < 2e6
+    assert micro["total"] < tiny["total"] / 4
+    assert set(micro) == set(tiny)
+
+
 @pytest.mark.parametrize("n", [1, 2, 5])
 @pytest.mark.parametrize("hw", [(28, 42), (42, 28)], ids=["landscape", "portrait"])
 def test_forward_backward_every_parameter_gets_a_gradient(tiny, n, hw):
@@ -201,7 +208,7 @@ def test_xyz_activation_is_safe_at_zero():
 
 
 def test_config_registry_and_strict_round_trip():
-    assert set(MODEL_CONFIGS) == {"paper", "tiny", "fast3r-large"}
+    assert set(MODEL_CONFIGS) == {"paper", "tiny", "micro", "fast3r-large"}
     for name in MODEL_CONFIGS:
         cfg = get_config(name)
         assert StudentConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

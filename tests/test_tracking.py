@@ -208,6 +208,24 @@ def test_sqlite_store_keeps_artifacts_next_to_the_database(tmp_path, monkeypatch
     assert sqlite_artifact_location("sqlite:///rel/m.db") == (elsewhere / "rel" / "mlruns").as_uri()
 
 
+def test_null_run_ref_means_the_store_of_the_dvc_root_under_dvc(tmp_path, monkeypatch):
+    """A queued experiment runs in a temporary copy: its stages' run reference (written as
+    null for the main repository's store) must lead back to the main store, not the copy's."""
+    import json
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    main, copy = tmp_path / "main", tmp_path / "main" / ".dvc" / "tmp" / "exps" / "tmp1"
+    for repo in (main, copy):
+        (repo / ".dvc").mkdir(parents=True)
+    path = copy / "reports" / "run.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"run_id": "r", "experiment_id": "1", "tracking_uri": None}))
+    assert read_run_ref(path).tracking_uri == f"sqlite:///{copy.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("DVC_ROOT", str(main))
+    assert read_run_ref(path).tracking_uri == f"sqlite:///{main.resolve() / 'mlflow.db'}"
+
+
 def test_resolve_tracking_uri_precedence(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_ROOT", raising=False)

@@ -8,7 +8,10 @@ Named variants (``MODEL_CONFIGS`` / :func:`get_config`):
 - ``paper``: the published 72M student (71,969,288 parameters): DUNE ViT-S/14 encoder
   (timm ``vit_small_patch14_reg4_dinov2`` layout, 32x32 position grid), 6-block fusion
   decoder of width 384, two DPT heads on hooks [0, 3, 4, 6].
-- ``tiny``: a ~5M model with the same structure for tests and the CPU demo (112x112, 4 views).
+- ``tiny``: a ~8M model with the same structure for tests and the CPU demo (112x112, 4 views).
+- ``micro``: a ~1.7M model with the same structure (width 96, 4 encoder and 3 decoder blocks,
+  narrower DPT heads): the student of the learned-teacher study (``studies/distill``), whose
+  teacher is a ``tiny``.
 - ``fast3r-large``: a Fast3R-sized reference (ViT-L/16 encoder, 24x1024 fusion decoder, heads
   on [0, 12, 18, 24]); random weights, only for measuring cost. Fast3R's encoder uses 2-D RoPE;
   this stand-in has no position encoding at all (RoPE has no parameters and little cost).
@@ -121,6 +124,15 @@ def _tiny() -> StudentConfig:
     )
 
 
+def _micro() -> StudentConfig:
+    return StudentConfig(
+        name="micro", patch_size=14, img_size=112,
+        enc_dim=96, enc_depth=4, enc_heads=3, enc_reg_tokens=4, enc_layerscale=1.0,
+        dec_dim=96, dec_depth=3, dec_heads=3, hooks=[0, 1, 2, 3],
+        dpt_layer_dims=[16, 32, 64, 128], dpt_feature_dim=32, dpt_last_dim=16,
+    )
+
+
 def _fast3r_large() -> StudentConfig:
     return StudentConfig(
         name="fast3r-large", patch_size=16, img_size=512,
@@ -130,7 +142,7 @@ def _fast3r_large() -> StudentConfig:
     )
 
 
-_FACTORIES = {"paper": _paper, "tiny": _tiny, "fast3r-large": _fast3r_large}
+_FACTORIES = {"paper": _paper, "tiny": _tiny, "micro": _micro, "fast3r-large": _fast3r_large}
 MODEL_CONFIGS: dict[str, StudentConfig] = {name: make() for name, make in _FACTORIES.items()}
 
 
