@@ -22,6 +22,9 @@ ARGS = {
     "infer": ["x", "--checkpoint", "x", "--output-dir", "x"],
     "bench": ["--out", "x.json", "--plot", "x.png"],
     "benchmark": ["--out", "x.json"],
+    "study_table": ["--teacher-eval", "x", "--student-eval", "x", "--agreement-eval", "x",
+                    "--teacher-train", "x", "--student-train", "x", "--out", "x",
+                    "--table", "x.md", "--plot", "x.csv"],
 }
 
 
