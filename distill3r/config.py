@@ -245,7 +245,7 @@ class LossParams:
     gamma_conf: float = 0.001
     weighting: Literal["teacher", "none", "student"] = "teacher"
     # per-pixel point error: "euclidean" ||p - q|| (DUSt3R/Fast3R's L21) or "squared" ||p - q||^2
-    distance: Literal["euclidean", "squared"] = "squared"
+    distance: Literal["euclidean", "squared"] = "euclidean"
     conf_scale: float = 10.0
     w_min: float = 0.1
 
@@ -272,7 +272,7 @@ class TrainParams:
     batch_size: int = 4
     accumulate_grad_batches: int = 1
     max_steps: int = 1200
-    lr: float = 5e-4
+    lr: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.01
     warmup_steps: int = 50

@@ -70,7 +70,7 @@ def test_global_scale_is_shared_by_views_local_is_not():
     pred_s = dict(pred, xyz_global=pred["xyz_global"] * one_view,
                   xyz_local=pred["xyz_local"] * one_view)
     _, d = loss_fn(pred_s, target)
-    assert d["loss_local"].item() == pytest.approx(0.0, abs=1e-8)  # per-view scale absorbs it
+    assert d["loss_local"].item() == pytest.approx(0.0, abs=1e-6)  # per-view scale absorbs it (float32 rounding)
     assert d["loss_global"].item() > 1e-3  # a shared scale cannot
 
 
