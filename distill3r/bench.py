@@ -146,7 +146,8 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / _MB
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's peak resident set so far (MB)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return peak / _MB if sys.platform == "darwin" else peak / 1024.0
 
@@ -208,7 +209,7 @@ def measure_case(case: BenchCase) -> dict:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     model_mb = torch.cuda.memory_allocated(device) / _MB if cuda else _rss_mb()
-    build_peak_mb = None if cuda else _peak_rss_mb()
+    build_peak_mb = None if cuda else peak_rss_mb()
     row = dataclasses.asdict(case)
     row.update(threads=threads, params=sum(p.numel() for p in model.parameters()))
     try:
@@ -219,7 +220,7 @@ def measure_case(case: BenchCase) -> dict:
     except torch.OutOfMemoryError:
         row.update(oom=True, seconds=None, peak_mb=None)
         return row
-    peak_mb = torch.cuda.max_memory_allocated(device) / _MB if cuda else _peak_rss_mb()
+    peak_mb = torch.cuda.max_memory_allocated(device) / _MB if cuda else peak_rss_mb()
     flops = forward_flops(model.config, case.views, case.height, case.width)
     median = statistics.median(seconds)
     row.update(

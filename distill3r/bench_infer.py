@@ -13,8 +13,6 @@ resident set (``ru_maxrss``) of the process; on CUDA also ``max_memory_allocated
 from __future__ import annotations
 
 import dataclasses
-import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,12 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distill3r.bench import peak_rss_mb
+
 _MB = 2.0**20
-
-
-def _peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return peak / _MB if sys.platform == "darwin" else peak / 1024.0
 
 
 def write_scene(folder: Path, views: int, height: int, width: int, seed: int) -> Path:
@@ -64,7 +59,7 @@ def measure_infer_case(case, threads: int) -> dict:
         params = InferParams(size=max(case.height, case.width), device=case.device,
                              dtype=case.dtype, preview_views=2, seed=case.seed,
                              scratch_dir=str(tmp))
-        before_mb = _peak_rss_mb()
+        before_mb = peak_rss_mb()
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         begin, cpu_begin = time.perf_counter(), time.process_time()
@@ -74,7 +69,7 @@ def measure_infer_case(case, threads: int) -> dict:
             row.update(oom=True, seconds=None, peak_mb=None)
             return row
         seconds, cpu = time.perf_counter() - begin, time.process_time() - cpu_begin
-    peak_rss = _peak_rss_mb()
+    peak_rss = peak_rss_mb()
     peak = torch.cuda.max_memory_allocated(device) / _MB if cuda else peak_rss
     base = 0.0 if cuda else before_mb  # CPU: the runtime, a model build and the images
     flops = forward_flops(cfg, case.views, case.height, case.width)

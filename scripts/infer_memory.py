@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from distill3r.data.io import write_image
+    from distill3r.bench_infer import write_scene
     from distill3r.models import build_student, save_student
 
     H, W = args.size
@@ -58,13 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         torch.manual_seed(0)
         ckpt = save_student(build_student(args.model), tmp / "student")
-        rng = np.random.default_rng(0)
         rows = []
         for n in sorted(args.views):
-            scene = tmp / f"views_{n}"
-            scene.mkdir()
-            for i in range(n):
-                write_image(scene / f"{i:05d}.png", rng.integers(0, 256, (H, W, 3), np.uint8))
+            scene = write_scene(tmp / f"views_{n}", n, H, W, seed=n)
             row = {"model": args.model, "size": [H, W], "views": n,
                    **run_infer(scene, ckpt, tmp / "out", max(H, W), [])}
             rows.append(row)
