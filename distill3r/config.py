@@ -415,7 +415,8 @@ class RuntimeParams:
 
     threads: Optional[int] = None  # torch threads per process; null: the cores
     adapt_to_load: bool = False  # null threads: minus the busy cores (not bit-reproducible)
-    omp_wait_policy: Literal["passive", "active"] = "passive"  # idle OpenMP threads sleep
+    # auto: idle OpenMP threads sleep (PASSIVE) only when other programs keep a core busy
+    omp_wait_policy: Literal["auto", "passive", "active"] = "auto"
 
     def validate(self, where: str = "runtime") -> None:
         check_choices(self, where)

@@ -18,6 +18,7 @@ from scipy.spatial.transform import Rotation
 from distill3r.config import RuntimeParams
 from distill3r.geometry import depth_to_camera_points, invert_pose, transform_points
 from distill3r.models import build_student, load_student
+from distill3r import runtime
 from distill3r.runtime import available_cores
 from distill3r.training import run as run_module
 from distill3r.training.augment import Augmenter, choose_views, color_jitter, sample_rng
@@ -99,6 +100,23 @@ def test_threads_explicit_or_split_between_cpu_ranks():
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="runtime.threads"):
         RuntimeParams(threads=0).validate()
+
+
+def test_wait_policy_passive_only_on_a_busy_machine(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 0)
+    assert runtime.configure_environment(RuntimeParams()) is None  # quiet: OpenMP's default
+    assert "OMP_WAIT_POLICY" not in runtime.os.environ
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 1)
+    assert runtime.configure_environment(RuntimeParams()) == "PASSIVE"
+    assert runtime.os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the environment wins
+    assert runtime.configure_environment(RuntimeParams(omp_wait_policy="passive")) == "ACTIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 0)
+    assert runtime.configure_environment(RuntimeParams(omp_wait_policy="passive")) == "PASSIVE"
+    with pytest.raises(ValueError, match="omp_wait_policy"):
+        RuntimeParams(omp_wait_policy="spin").validate()
 
 
 # ----------------------------------------------------------------------------------------------
