@@ -21,8 +21,9 @@ Measured on the 2-core machine (one training step of the demo student, batch 4 x
 112x112, bf16, 2 threads): 0.40 s quiet with OpenMP's default, 0.71 s quiet with PASSIVE (so
 the old fixed ``passive`` made demo training 1.8x slower), 0.48 s quiet with ACTIVE; beside one
 busy process 3.4 s with the default, 1.75 s with PASSIVE, 1.5-1.6 s with ACTIVE. Adapting to
-the load (1 thread) keeps 80% of the unloaded throughput there (``scripts/load_throughput.py``). Adapting is off by default because the thread count changes the order of
-floating-point reductions: the same commit and params would then train different weights on a
+the load (1 thread) keeps 80% of the unloaded throughput there (``scripts/load_throughput.py``).
+Adapting is off by default because the thread count changes the order of floating-point
+reductions: the same commit and params would then train different weights on a
 busy and on a quiet machine, while a fixed count trains bit-identical ones.
 """
 

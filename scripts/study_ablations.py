@@ -7,8 +7,8 @@
 Queues one experiment of ``studies/distill`` per configuration (:data:`ABLATIONS`: confidence
 weighting from the teacher (the main configuration, two seeds), no weighting, the student's own
 confidence, no confidence supervision, the teacher's weighting at ``loss.conf_scale`` 30), with
-``--set`` overrides added to every one, runs the queue with one worker (``dvc queue start -j 1``: one training at a time on a CPU) and waits for
-it. The stages an ablation does not change (teacher, renders, caches) come from DVC's run cache,
+``--set`` overrides added to every one, runs the queue with one worker (``dvc queue start -j 1``:
+one training at a time on a CPU) and waits for it. The stages an ablation does not change (teacher, renders, caches) come from DVC's run cache,
 so run the study once first (``make study``). Then it reads every experiment of that name from
 ``dvc exp show`` and writes the comparison (``distill3r.study.ablation_table``, mean ± std over
 the seeds) to ``studies/distill/reports/ablations.md``.
