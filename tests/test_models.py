@@ -49,6 +49,14 @@ def test_tiny_is_small():
     assert 1e6 < _meta_counts("tiny")["total"] < 10e6
 
 
+def test_tiny_lite_is_tiny_with_narrower_heads():
+    lite, tiny = _meta_counts("tiny-lite"), _meta_counts("tiny")
+    for part in ("encoder", "decoder"):
+        assert lite[part] == tiny[part]
+    assert lite["head_global"] == lite["head_local"] < tiny["head_global"] / 2
+    assert 5e6 < lite["total"] < 6e6
+
+
 def test_micro_is_a_smaller_student_of_the_same_structure():
     micro, tiny = _meta_counts("micro"), _meta_counts("tiny")
     assert 1e6 < micro["total"] < 2e6
@@ -208,7 +216,7 @@ def test_xyz_activation_is_safe_at_zero():
 
 
 def test_config_registry_and_strict_round_trip():
-    assert set(MODEL_CONFIGS) == {"paper", "tiny", "micro", "fast3r-large"}
+    assert set(MODEL_CONFIGS) == {"paper", "tiny", "tiny-lite", "micro", "fast3r-large"}
     for name in MODEL_CONFIGS:
         cfg = get_config(name)
         assert StudentConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

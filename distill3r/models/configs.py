@@ -9,6 +9,10 @@ Named variants (``MODEL_CONFIGS`` / :func:`get_config`):
   (timm ``vit_small_patch14_reg4_dinov2`` layout, 32x32 position grid), 6-block fusion
   decoder of width 384, two DPT heads on hooks [0, 3, 4, 6].
 - ``tiny``: a ~8M model with the same structure for tests and the CPU demo (112x112, 4 views).
+- ``tiny-lite``: ``tiny`` with DPT heads of half the width ([16, 32, 64, 128], feature 32,
+  last 16; 5.5M parameters). The full-resolution heads are most of ``tiny``'s training cost:
+  a training step of ``tiny-lite`` (batch 4 x 4 views at 112x112, 2 CPU cores) takes about
+  two thirds of ``tiny``'s in bf16 (0.22 s vs 0.33 s, AVX512-BF16) and half in fp32.
 - ``micro``: a ~1.7M model with the same structure (width 96, 4 encoder and 3 decoder blocks,
   narrower DPT heads): the student of the learned-teacher study (``studies/distill``), whose
   teacher is a ``tiny``.
@@ -124,6 +128,11 @@ def _tiny() -> StudentConfig:
     )
 
 
+def _tiny_lite() -> StudentConfig:
+    return dataclasses.replace(_tiny(), name="tiny-lite", dpt_layer_dims=[16, 32, 64, 128],
+                               dpt_feature_dim=32, dpt_last_dim=16)
+
+
 def _micro() -> StudentConfig:
     return StudentConfig(
         name="micro", patch_size=14, img_size=112,
@@ -142,7 +151,8 @@ def _fast3r_large() -> StudentConfig:
     )
 
 
-_FACTORIES = {"paper": _paper, "tiny": _tiny, "micro": _micro, "fast3r-large": _fast3r_large}
+_FACTORIES = {"paper": _paper, "tiny": _tiny, "tiny-lite": _tiny_lite, "micro": _micro,
+              "fast3r-large": _fast3r_large}
 MODEL_CONFIGS: dict[str, StudentConfig] = {name: make() for name, make in _FACTORIES.items()}
 
 
