@@ -101,13 +101,15 @@ def cloud_metrics(pred: np.ndarray, ref: np.ndarray, pred_normals: np.ndarray | 
     Returns:
         ``acc_mean, acc_median, comp_mean, comp_median, chamfer`` and, with normals,
         ``nc_acc, nc_comp, nc``.
+
+    The nearest-neighbour queries use every core (exact, so the result does not depend on it).
     """
     pred = np.asarray(pred, np.float64).reshape(-1, 3)
     ref = np.asarray(ref, np.float64).reshape(-1, 3)
     if len(pred) == 0 or len(ref) == 0:
         raise ValueError(f"cloud_metrics needs non-empty clouds, got {len(pred)} and {len(ref)}")
-    d_acc, i_acc = cKDTree(ref).query(pred, k=1, workers=1)
-    d_comp, i_comp = cKDTree(pred).query(ref, k=1, workers=1)
+    d_acc, i_acc = cKDTree(ref).query(pred, k=1, workers=-1)
+    d_comp, i_comp = cKDTree(pred).query(ref, k=1, workers=-1)
     out = {"acc_mean": float(d_acc.mean()), "acc_median": float(np.median(d_acc)),
            "comp_mean": float(d_comp.mean()), "comp_median": float(np.median(d_comp))}
     out["chamfer"] = 0.5 * (out["acc_mean"] + out["comp_mean"])
