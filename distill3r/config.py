@@ -43,7 +43,7 @@ ComputeDtype = Literal["bf16", "fp16", "fp32"]
 class DemoParams:
     """The built-in demo dataset: pybullet renders of closed textured rooms with objects."""
 
-    num_scenes: int = 128
+    num_scenes: int = 384
     views_per_scene: int = 12
     height: int = 224
     width: int = 224
@@ -224,7 +224,7 @@ class MergeParams:
 class ModelParams:
     """The student: a named configuration plus run-time options."""
 
-    name: ModelName = "tiny"
+    name: ModelName = "tiny-lite"
     encoder_weights: Optional[str] = None  # DUNE checkpoint path, or null for random init
     head_chunk_size: int = 8  # views per DPT-head chunk (bounds memory at many views)
     merge: MergeParams = field(default_factory=MergeParams)  # inference only
@@ -271,7 +271,7 @@ class TrainParams:
                        "64-true"] = "bf16-mixed"
     batch_size: int = 4
     accumulate_grad_batches: int = 1
-    max_steps: int = 1200
+    max_steps: int = 2400
     lr: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.01

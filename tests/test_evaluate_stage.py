@@ -47,7 +47,7 @@ def _cache(root: Path, manifest: Path, name: str, size: list[int]) -> Path:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """3 demo scenes x 4 views (64x64) -> manifest (2 train / 1 val scenes) -> 28x28 cache of
-    the ground-truth teacher, plus a saved tiny student."""
+    the ground-truth teacher, plus a saved student of the shipped model config."""
     root = tmp_path_factory.mktemp("evaluate")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the machine's 2 cores are shared: avoid oversubscription
@@ -56,7 +56,7 @@ def world(tmp_path_factory):
     sources = [SourceParams(kind="demo", root=str(root / "raw"))]
     build_manifest(DataParams(sources=sources, val_fraction=0.34), root / "m.csv", root / "img")
     build_manifest(DataParams(sources=sources, val_fraction=0.0), root / "m0.csv", root / "img0")
-    student = save_student(build_student("tiny"), root / "student")
+    student = save_student(build_student(Params().model.name), root / "student")
     yield {"root": root, "student": student, "manifest": root / "m.csv",
            "cache": _cache(root, root / "m.csv", "cache", [28, 28]),
            "cache_no_val": _cache(root, root / "m0.csv", "cache0", [28, 28])}
@@ -192,7 +192,7 @@ def test_bad_input_errors(world, tmp_path, capsys, case, match):
         params.model = dataclasses.replace(params.model, name="paper")
     elif case == "bad_weights":
         student = tmp_path / "student"
-        save_student(build_student("tiny"), student)
+        save_student(build_student(Params().model.name), student)
         meta = json.loads((student / "config.json").read_text())
         meta["config"]["dec_depth"], meta["config"]["hooks"] = 3, [0, 1, 2, 3]
         (student / "config.json").write_text(json.dumps(meta))
