@@ -16,6 +16,10 @@ Named variants (``MODEL_CONFIGS`` / :func:`get_config`):
 - ``tiny-fine``: ``tiny-lite`` with 8-pixel patches: a 14x14 token grid at 112x112 instead of
   8x8, so the heads draw from four times as many tokens and correspondences between views are
   found on a grid twice as fine (about 2.7x ``tiny-lite``'s training step time).
+- ``tiny-pose``: ``tiny-lite`` whose global head is a pose head
+  (:mod:`distill3r.models.pose_head`): the global map is the local map moved by a predicted
+  per-view similarity, so view placement is learned as 10 numbers per view instead of being
+  drawn pixel by pixel by a second DPT head (which also makes a step cheaper).
 - ``micro``: a ~1.7M model with the same structure (width 96, 4 encoder and 3 decoder blocks,
   narrower DPT heads): the student of the learned-teacher study (``studies/distill``), whose
   teacher is a ``tiny``.
@@ -34,6 +38,7 @@ from distill3r.config import from_dict as _strict_from_dict
 
 XYZ_ACTIVATIONS = ("exp", "linear")
 CONF_ACTIVATIONS = ("expp1",)
+GLOBAL_HEADS = ("dpt", "pose")
 
 
 @dataclass
@@ -64,6 +69,7 @@ class StudentConfig:
     dpt_layer_dims: list[int] = field(default_factory=lambda: [96, 192, 384, 768])
     dpt_feature_dim: int = 256
     dpt_last_dim: int = 128
+    global_head: str = "dpt"  # "dpt" (a second DPT head) | "pose" (models.pose_head)
     xyz_activation: str = "exp"
     conf_activation: str = "expp1"
 
@@ -101,6 +107,9 @@ class StudentConfig:
         if len(self.dpt_layer_dims) != 4 or min(self.dpt_layer_dims) <= 0:
             raise ValueError(f"{where}: dpt_layer_dims must be 4 positive ints, "
                              f"got {self.dpt_layer_dims}")
+        if self.global_head not in GLOBAL_HEADS:
+            raise ValueError(f"{where}: unknown global_head {self.global_head!r}; "
+                             f"choose from {GLOBAL_HEADS}")
         if self.xyz_activation not in XYZ_ACTIVATIONS:
             raise ValueError(f"{where}: unknown xyz_activation {self.xyz_activation!r}; "
                              f"choose from {XYZ_ACTIVATIONS}")
@@ -140,6 +149,10 @@ def _tiny_fine() -> StudentConfig:
     return dataclasses.replace(_tiny_lite(), name="tiny-fine", patch_size=8)
 
 
+def _tiny_pose() -> StudentConfig:
+    return dataclasses.replace(_tiny_lite(), name="tiny-pose", global_head="pose")
+
+
 def _micro() -> StudentConfig:
     return StudentConfig(
         name="micro", patch_size=14, img_size=112,
@@ -159,6 +172,7 @@ def _fast3r_large() -> StudentConfig:
 
 
 _FACTORIES = {"paper": _paper, "tiny": _tiny, "tiny-lite": _tiny_lite, "tiny-fine": _tiny_fine,
+              "tiny-pose": _tiny_pose,
               "micro": _micro,
               "fast3r-large": _fast3r_large}
 MODEL_CONFIGS: dict[str, StudentConfig] = {name: make() for name, make in _FACTORIES.items()}

@@ -159,5 +159,7 @@ def stream_forward(model, images: Sequence[np.ndarray], device: torch.device,
     feats = [enc if k == 0 else next(dec) for k in hooks]
     for start, stop in _chunks(n, view_chunk):
         with autocast(device, dtype):
-            maps = model.run_heads([f[start:stop] for f in feats], grid, (height, width))
+            reference = torch.arange(start, stop, device=feats[0].device) == 0
+            maps = model.run_heads([f[start:stop] for f in feats], grid, (height, width),
+                                   reference)
         sink(start, {k: v.cpu().numpy() for k, v in maps.items()})

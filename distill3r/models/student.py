@@ -9,6 +9,10 @@ axes x right, y down, z forward):
 - ``xyz_local`` ``[B, N, H, W, 3]``: points in each view's own camera frame;
 - ``conf_local`` ``[B, N, H, W]``.
 
+The global head is a DPT head (``config.global_head == "dpt"``, the published student) or a
+:class:`~distill3r.models.pose_head.PoseHead` (``"pose"``): then ``xyz_global`` is the local
+map moved by a predicted per-view similarity and ``conf_global`` equals ``conf_local``.
+
 In ``train()`` mode views 1..N-1 get random sorted image indices from torch's global generator
 (seed it for reproducible runs); in ``eval()`` mode indices are 0..N-1 (deterministic).
 The encoder runs on all views folded into the batch (shared weights). The heads run over the
@@ -30,6 +34,7 @@ from distill3r.models.decoder import FusionDecoder
 from distill3r.models.dpt import DPTHead
 from distill3r.models.dune import load_dune_encoder
 from distill3r.models.encoder import Encoder
+from distill3r.models.pose_head import PoseHead
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +53,8 @@ class Student(nn.Module):
         in_dims = [config.enc_dim if k == 0 else config.dec_dim for k in config.hooks]
         head_args = (in_dims, list(config.dpt_layer_dims), config.dpt_feature_dim,
                      config.dpt_last_dim, 4)
-        self.head_global = DPTHead(*head_args)
+        self.head_global = (DPTHead(*head_args) if config.global_head == "dpt"
+                            else PoseHead(config.dec_dim))
         self.head_local = DPTHead(*head_args)
         self.xyz_act = get_activation("xyz", config.xyz_activation)
         self.conf_act = get_activation("conf", config.conf_activation)
@@ -76,7 +82,8 @@ class Student(nn.Module):
         dec = self.decoder(enc.view(b, n, enc.shape[1], enc.shape[2]), dec_blocks)
         dec_iter = iter(dec)
         feats = [enc if k == 0 else next(dec_iter).flatten(0, 1) for k in self.config.hooks]
-        maps = self.run_heads(feats, grid, (height, width))
+        reference = torch.arange(b * n, device=images.device) % n == 0
+        maps = self.run_heads(feats, grid, (height, width), reference)
         return {k: v.view(b, n, *v.shape[1:]) for k, v in maps.items()}
 
     def forward_stream(self, images, device: torch.device, dtype: torch.dtype, sink,
@@ -88,12 +95,23 @@ class Student(nn.Module):
         stream_forward(self, images, device, dtype, sink, view_chunk, token_chunk)
 
     def run_heads(self, feats: list[torch.Tensor], grid: tuple[int, int],
-                  size: tuple[int, int]) -> dict[str, torch.Tensor]:
+                  size: tuple[int, int], reference: Optional[torch.Tensor] = None
+                  ) -> dict[str, torch.Tensor]:
         """Both heads on hooked tokens ``feats`` (4 x ``[V, P, C_k]``) -> float32
-        ``xyz_global, xyz_local [V,H,W,3]``, ``conf_global, conf_local [V,H,W]``."""
+        ``xyz_global, xyz_local [V,H,W,3]``, ``conf_global, conf_local [V,H,W]``.
+        ``reference`` bool ``[V]`` marks each sample's view 0 (needed by a pose head only)."""
         out = {}
-        for name, head in (("global", self.head_global), ("local", self.head_local)):
-            out[f"xyz_{name}"], out[f"conf_{name}"] = self._run_head(head, feats, grid, size)
+        out["xyz_local"], out["conf_local"] = self._run_head(self.head_local, feats, grid, size)
+        if isinstance(self.head_global, PoseHead):
+            if reference is None or reference.shape != (feats[-1].shape[0],):
+                raise ValueError("a pose global head needs reference [V]: which views are "
+                                 "view 0 of their sample")
+            rot, trans, scale = self.head_global(feats[-1], reference)
+            out["xyz_global"] = PoseHead.compose(out["xyz_local"], rot, trans, scale)
+            out["conf_global"] = out["conf_local"]
+        else:
+            out["xyz_global"], out["conf_global"] = self._run_head(self.head_global, feats,
+                                                                   grid, size)
         return out
 
     def _run_head(self, head: DPTHead, feats: list[torch.Tensor], grid: tuple[int, int],
