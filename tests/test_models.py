@@ -10,6 +10,7 @@ from distill3r.models import (MODEL_CONFIGS, Student, StudentConfig, build_stude
                               count_parameters, get_config, load_student, save_student)
 from distill3r.models.activations import get_activation, xyz_exp
 from distill3r.models.dpt import StrideTwoConv
+from distill3r.models.pose_head import rotation_from_6d
 
 PAPER_PARAMS = 71_969_288
 FAST3R_PARAMS = 647_600_000
@@ -165,6 +166,7 @@ def test_more_views_than_the_table_in_eval_mode():
     import numpy as np
     from dataclasses import replace
 
+    from distill3r.models.inputs import images_to_input
     from distill3r.models.streaming import stream_forward
 
     torch.manual_seed(0)
@@ -216,7 +218,8 @@ def test_xyz_activation_is_safe_at_zero():
 
 
 def test_config_registry_and_strict_round_trip():
-    assert set(MODEL_CONFIGS) == {"paper", "tiny", "tiny-lite", "micro", "fast3r-large"}
+    assert set(MODEL_CONFIGS) == {"paper", "tiny", "tiny-lite", "tiny-fine", "tiny-pose", "micro",
+                                  "fast3r-large"}
     for name in MODEL_CONFIGS:
         cfg = get_config(name)
         assert StudentConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
@@ -224,6 +227,8 @@ def test_config_registry_and_strict_round_trip():
         get_config("huge")
     with pytest.raises(ValueError, match="unknown key"):
         StudentConfig.from_dict({**get_config("tiny").to_dict(), "depth": 3})
+    with pytest.raises(ValueError, match="unknown global_head"):
+        StudentConfig.from_dict({**get_config("tiny").to_dict(), "global_head": "camera"})
     with pytest.raises(ValueError, match="last hook"):
         StudentConfig.from_dict({**get_config("tiny").to_dict(), "hooks": [0, 2, 3, 9]})
 
@@ -266,3 +271,77 @@ def test_load_rejects_missing_or_mismatching_files(tiny, tmp_path):
     (folder / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="model.safetensors"):
         load_student(folder)
+
+
+def test_rotation_from_6d_is_a_rotation_and_keeps_the_identity():
+    rot = rotation_from_6d(torch.randn(50, 6, generator=torch.Generator().manual_seed(0)))
+    eye = torch.eye(3).expand(50, 3, 3)
+    torch.testing.assert_close(rot @ rot.transpose(1, 2), eye, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.linalg.det(rot), torch.ones(50), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rotation_from_6d(torch.tensor([[2.0, 0, 0, 0.5, 3, 0]])),
+                               torch.eye(3)[None])
+
+
+def test_tiny_fine_and_tiny_pose_change_one_thing_of_tiny_lite():
+    lite, fine, pose = (get_config(n).to_dict() for n in ("tiny-lite", "tiny-fine", "tiny-pose"))
+    assert {k for k in lite if lite[k] != fine[k]} == {"name", "patch_size"}
+    assert fine["patch_size"] == 8
+    assert {k for k in lite if lite[k] != pose[k]} == {"name", "global_head"}
+    counts = _meta_counts("tiny-pose")
+    assert counts["head_global"] < counts["head_local"] / 10  # an MLP, not a DPT head
+
+
+def _pose_student() -> Student:
+    torch.manual_seed(0)
+    model = build_student("tiny-pose", head_chunk_size=2).eval()
+    with torch.no_grad():  # the untrained head is the identity: give it a real pose to apply
+        last = model.head_global.mlp[-1]
+        last.weight.normal_(0.0, 0.5)
+        last.bias.normal_(0.0, 0.5)
+    return model
+
+
+def test_pose_head_moves_each_local_map_rigidly_and_keeps_view_0():
+    model = _pose_student()
+    with torch.no_grad():
+        out = model(_images(2, 3, 28, 28, seed=1))
+    glob, loc = out["xyz_global"], out["xyz_local"]
+    torch.testing.assert_close(glob[:, 0], loc[:, 0])  # the global frame is view 0's camera
+    assert not torch.allclose(glob[:, 1:], loc[:, 1:], atol=1e-2)
+    torch.testing.assert_close(out["conf_global"], out["conf_local"])
+    # a similarity: every distance within a view scales by the same factor
+    for b in range(2):
+        for v in range(1, 3):
+            g, l = glob[b, v].reshape(-1, 3)[::37], loc[b, v].reshape(-1, 3)[::37]
+            ratio = torch.cdist(g, g)[torch.cdist(l, l) > 1e-3] / torch.cdist(l, l)[
+                torch.cdist(l, l) > 1e-3]
+            torch.testing.assert_close(ratio, ratio.mean().expand_as(ratio), rtol=1e-4,
+                                       atol=1e-5)
+
+
+def test_pose_head_untrained_is_the_identity_and_needs_reference_views():
+    torch.manual_seed(0)
+    model = build_student("tiny-pose").eval()
+    with torch.no_grad():
+        out = model(_images(1, 3, 28, 28))
+    torch.testing.assert_close(out["xyz_global"], out["xyz_local"])
+    feats = [torch.zeros(3, 4, 64)] * 4
+    with pytest.raises(ValueError, match="needs reference"):
+        model.run_heads(feats, (2, 2), (28, 28))
+
+
+def test_pose_head_streamed_views_match_the_batched_forward():
+    """Streaming runs the heads in view chunks: only the first chunk holds view 0."""
+    from distill3r.models.inputs import images_to_input
+    from distill3r.models.streaming import stream_forward
+
+    model = _pose_student()
+    images = (torch.rand(7, 28, 28, 3, generator=torch.Generator().manual_seed(2)) * 255).to(
+        torch.uint8)
+    got = {}
+    stream_forward(model, images.numpy(), torch.device("cpu"), torch.float32,
+                   lambda start, maps: got.update({start: maps}), view_chunk=3)
+    with torch.no_grad():
+        want = model(images_to_input(images)[None])
+    streamed = torch.cat([torch.from_numpy(got[s]["xyz_global"]) for s in sorted(got)])
+    torch.testing.assert_close(streamed, want["xyz_global"][0], atol=1e-4, rtol=1e-4)

@@ -100,12 +100,13 @@ class Student(nn.Module):
         """Both heads on hooked tokens ``feats`` (4 x ``[V, P, C_k]``) -> float32
         ``xyz_global, xyz_local [V,H,W,3]``, ``conf_global, conf_local [V,H,W]``.
         ``reference`` bool ``[V]`` marks each sample's view 0 (needed by a pose head only)."""
+        pose = isinstance(self.head_global, PoseHead)
+        if pose and (reference is None or reference.shape != (feats[-1].shape[0],)):
+            raise ValueError("a pose global head needs reference [V]: which views are view 0 "
+                             "of their sample")
         out = {}
         out["xyz_local"], out["conf_local"] = self._run_head(self.head_local, feats, grid, size)
-        if isinstance(self.head_global, PoseHead):
-            if reference is None or reference.shape != (feats[-1].shape[0],):
-                raise ValueError("a pose global head needs reference [V]: which views are "
-                                 "view 0 of their sample")
+        if pose:
             rot, trans, scale = self.head_global(feats[-1], reference)
             out["xyz_global"] = PoseHead.compose(out["xyz_local"], rot, trans, scale)
             out["conf_global"] = out["conf_local"]
