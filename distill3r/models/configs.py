@@ -39,7 +39,6 @@ from distill3r.config import from_dict as _strict_from_dict
 XYZ_ACTIVATIONS = ("exp", "linear")
 CONF_ACTIVATIONS = ("expp1",)
 GLOBAL_HEADS = ("dpt", "pose")
-POS_INITS = ("random", "sincos")
 
 
 @dataclass
@@ -59,9 +58,6 @@ class StudentConfig:
     enc_reg_tokens: int = 4
     enc_pos_embed: str = "learn"  # "learn" (bicubic-resampled per input size) | "none"
     enc_layerscale: Optional[float] = 1e-5  # LayerScale init value; null: no LayerScale
-    # initial values of the learned position table: "random" (timm's truncated normal, std
-    # 0.02) | "sincos" (2-D sin-cos, models.encoder.sincos_2d); only a fresh model uses it
-    enc_pos_init: str = "random"
     # fusion decoder
     dec_dim: int = 384
     dec_depth: int = 6
@@ -102,9 +98,6 @@ class StudentConfig:
         if self.enc_pos_embed not in ("learn", "none"):
             raise ValueError(f"{where}: enc_pos_embed must be 'learn' or 'none', "
                              f"got {self.enc_pos_embed!r}")
-        if self.enc_pos_init not in POS_INITS:
-            raise ValueError(f"{where}: enc_pos_init must be one of {POS_INITS}, "
-                             f"got {self.enc_pos_init!r}")
         hooks = list(self.hooks)
         if len(hooks) != 4 or hooks != sorted(set(hooks)) or hooks[0] < 0:
             raise ValueError(f"{where}: hooks must be 4 increasing indices >= 0, got {hooks}")
@@ -149,7 +142,7 @@ def _tiny() -> StudentConfig:
 
 def _tiny_lite() -> StudentConfig:
     return dataclasses.replace(_tiny(), name="tiny-lite", dpt_layer_dims=[16, 32, 64, 128],
-                               dpt_feature_dim=32, dpt_last_dim=16, enc_pos_init="sincos")
+                               dpt_feature_dim=32, dpt_last_dim=16)
 
 
 def _tiny_fine() -> StudentConfig:

@@ -45,25 +45,6 @@ def resize_pos_table(table: torch.Tensor, table_hw: tuple[int, int],
     return out.permute(0, 2, 3, 1).reshape(1, h * w, c).to(table.dtype)
 
 
-def sincos_2d(grid_hw: tuple[int, int], dim: int) -> torch.Tensor:
-    """``[1, h*w, dim]`` 2-D sin-cos position table (row-major grid): the first half of the
-    channels encodes the row, the second the column, each as ``[sin(p * w_k), cos(p * w_k)]``
-    with ``w_k = 10000^(-k / (dim/4))`` (the fixed table of MAE, He et al. 2022). A ViT trained
-    from scratch on little data learns its position table slowly from timm's 0.02-std start;
-    this start tells every token where it is from the first step."""
-    if dim % 4:
-        raise ValueError(f"a 2-D sin-cos table needs dim divisible by 4, got {dim}")
-    quarter = dim // 4
-    freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(quarter) / quarter)
-    rows, cols = torch.meshgrid(torch.arange(grid_hw[0], dtype=torch.float32),
-                                torch.arange(grid_hw[1], dtype=torch.float32), indexing="ij")
-    parts = []
-    for pos in (rows.reshape(-1), cols.reshape(-1)):
-        angles = pos[:, None] * freqs[None, :]
-        parts += [angles.sin(), angles.cos()]
-    return torch.cat(parts, dim=1)[None]
-
-
 class DuneViT(VisionTransformer):
     """timm ``VisionTransformer`` (same parameters and state-dict keys) whose learned position
     table is resized with :func:`resize_pos_table` for every input grid."""
@@ -95,10 +76,6 @@ class Encoder(nn.Module):
             class_token=cfg.enc_class_token, reg_tokens=cfg.enc_reg_tokens, no_embed_class=True,
             pos_embed=cfg.enc_pos_embed, dynamic_img_size=True,
         )
-        if cfg.enc_pos_init == "sincos" and self.vit.pos_embed is not None:
-            with torch.no_grad():
-                grid = tuple(self.vit.patch_embed.grid_size)
-                self.vit.pos_embed.copy_(sincos_2d(grid, cfg.enc_dim))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
