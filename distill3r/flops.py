@@ -17,7 +17,9 @@ Layer by layer (see ``distill3r/models``), for ``V = B*N`` views of ``H x W`` pi
   k2 s2, a 3x3 stride-2 conv to ``ceil(h/2) x ceil(w/2)``), 3x3 convs to ``feature_dim``, four
   fusion blocks (two residual units of two 3x3 convs at the level's size, a 1x1 conv after the
   bilinear resize to the next finer level, ``8h x 8w`` after the finest), then a 3x3 conv at
-  ``8h x 8w``, a 3x3 conv at ``H x W`` and a 1x1 conv to 4 channels at ``H x W``.
+  ``8h x 8w``, a 3x3 conv at ``H x W`` and a 1x1 conv to 4 channels at ``H x W``;
+- with ``global_head: pose`` the global head is an MLP ``dec_dim -> dec_dim -> 10`` on each
+  view's pooled tokens (the composition ``s R x + t`` is elementwise work, not counted).
 """
 
 from __future__ import annotations
@@ -95,7 +97,10 @@ def forward_flops(cfg: StudentConfig, views: int, height: int, width: int,
     parts = {
         "encoder": encoder_flops(cfg, batch * views, height, width),
         "decoder": decoder_flops(cfg, batch, views, height, width),
-        "heads": 2 * dpt_head_flops(cfg, batch * views, height, width),
+        "heads": dpt_head_flops(cfg, batch * views, height, width) + (
+            dpt_head_flops(cfg, batch * views, height, width) if cfg.global_head == "dpt"
+            else batch * views * (_linear(1, cfg.dec_dim, cfg.dec_dim)
+                                  + _linear(1, cfg.dec_dim, 10))),
     }
     parts["total"] = sum(parts.values())
     return parts
