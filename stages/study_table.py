@@ -15,6 +15,11 @@ per comparison for ``dvc plots`` (see :mod:`distill3r.study`).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+
+# this checkout's package, not the one installed in the venv (a queued `dvc exp run`
+# runs in a copy of the repository: it must import the copy's code)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill3r.cli import run_stage, stage_parser
 

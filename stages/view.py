@@ -9,6 +9,11 @@ The options and what the viewer shows: ``python stages/view.py --help`` and
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+
+# this checkout's package, not the one installed in the venv (a queued `dvc exp run`
+# runs in a copy of the repository: it must import the copy's code)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distill3r.viewer.cli import main
 

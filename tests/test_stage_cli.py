@@ -67,3 +67,21 @@ def test_missing_params_file_is_an_error_not_a_traceback(tmp_path):
     proc = _run("bench", "--params", str(tmp_path / "nope.yaml"), *ARGS["bench"], cwd=tmp_path)
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"bench: error: {tmp_path / 'nope.yaml'}: params file not found"
+
+
+@pytest.mark.parametrize("stage", sorted(ARGS) + sorted(NO_PARAMS))
+def test_a_copy_of_the_repository_runs_its_own_package(stage, tmp_path):
+    """A queued ``dvc exp run`` runs the stages in a copy of the repository while the venv's
+    editable install points at the original: each stage must import the copy's package."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(ROOT / "stages", copy / "stages")
+    shutil.copytree(ROOT / "distill3r", copy / "distill3r",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    init = copy / "distill3r" / "__init__.py"
+    init.write_text(init.read_text() + "\nraise SystemExit('the copy was imported')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, str(copy / "stages" / f"{stage}.py"), "--help"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert proc.returncode == 1 and "the copy was imported" in proc.stderr, proc.stderr[-500:]

@@ -104,16 +104,16 @@ class Student(nn.Module):
         if pose and (reference is None or reference.shape != (feats[-1].shape[0],)):
             raise ValueError("a pose global head needs reference [V]: which views are view 0 "
                              "of their sample")
-        out = {}
-        out["xyz_local"], out["conf_local"] = self._run_head(self.head_local, feats, grid, size)
-        if pose:
-            rot, trans, scale = self.head_global(feats[-1], reference)
-            out["xyz_global"] = PoseHead.compose(out["xyz_local"], rot, trans, scale)
-            out["conf_global"] = out["conf_local"]
-        else:
-            out["xyz_global"], out["conf_global"] = self._run_head(self.head_global, feats,
-                                                                   grid, size)
-        return out
+        if not pose:
+            out = {}
+            for name, head in (("global", self.head_global), ("local", self.head_local)):
+                out[f"xyz_{name}"], out[f"conf_{name}"] = self._run_head(head, feats, grid, size)
+            return out
+        xyz_local, conf_local = self._run_head(self.head_local, feats, grid, size)
+        rot, trans, scale = self.head_global(feats[-1], reference)
+        return {"xyz_global": PoseHead.compose(xyz_local, rot, trans, scale),
+                "conf_global": conf_local.clone(), "xyz_local": xyz_local,
+                "conf_local": conf_local}
 
     def _run_head(self, head: DPTHead, feats: list[torch.Tensor], grid: tuple[int, int],
                   size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
