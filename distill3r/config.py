@@ -122,7 +122,7 @@ class CacheParams:
     image_size: list[int] = field(default_factory=lambda: [112, 112])  # [H, W], multiples of 14
     views_per_sample: int = 4
     max_samples_per_scene: int = 4
-    sampling: SamplingMode = "random"  # random subsets, stride (consecutive), nearby (overlap)
+    sampling: SamplingMode = "stride"  # stride (consecutive), random subsets, nearby (overlap)
     frame_stride: int = 1
     neighbours: int = 8  # nearby: views come from an anchor's nearest frames (>= views - 1)
     dataset_sampling: list[DatasetSampling] = field(default_factory=list)  # per-dataset

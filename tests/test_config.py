@@ -76,7 +76,7 @@ def test_dataclass_defaults_are_the_shipped_params():
 
 PAPER_KEYS = {
     "cache.image_size", "cache.views_per_sample", "cache.max_samples_per_scene",
-    "cache.sampling", "teacher.name", "model.name", "model.encoder_weights",
+    "teacher.name", "model.name", "model.encoder_weights",
     "train.accelerator", "train.devices", "train.strategy", "train.accumulate_grad_batches",
     "train.max_steps", "train.lr", "train.warmup_steps", "train.min_lr", "train.num_workers",
     "train.val_every_steps", "train.checkpoint_every_steps", "infer.size", "bench.profile",
