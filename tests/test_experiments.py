@@ -41,7 +41,7 @@ def test_mlflow_server_gets_params_metrics_and_weights_that_reload_identically(t
         run = client.get_run(result.run_id)
         assert run.info.status == "FINISHED"
         assert run.data.params["train.max_steps"] == "2" and run.data.params["model.name"] == \
-            "tiny" and run.data.params["loss.alpha_global"] == "2.0"
+            params.model.name and run.data.params["loss.alpha_global"] == "2.0"
         assert {m.step for m in client.get_metric_history(result.run_id, "val/loss")} == {0, 1, 2}
         assert len(client.get_metric_history(result.run_id, "train/loss")) == 2
         local = download_artifacts(result.run_id, "student", tmp_path / "download", uri)
