@@ -29,7 +29,9 @@ __all__ = ["BenchParams", "CacheParams", "DataParams", "DatasetSampling", "DemoP
            "RuntimeParams", "SourceParams", "TeacherParams", "TrainParams", "flatten",
            "from_dict", "load_params", "to_dict"]
 
-ModelName = Literal["paper", "tiny", "tiny-lite", "tiny-fine", "tiny-pose", "micro", "fast3r-large"]  # distill3r.models.configs.MODEL_CONFIGS
+# distill3r.models.configs.MODEL_CONFIGS
+ModelName = Literal["paper", "tiny", "tiny-lite", "tiny-fine", "tiny-pose", "micro",
+                    "fast3r-large"]
 SamplingMode = Literal["random", "stride", "nearby"]
 CacheCompression = Literal["deflate", "stored", "auto"]
 TeacherName = Literal["groundtruth", "fast3r", "checkpoint"]

@@ -31,10 +31,11 @@ def tiny_params(tracking_uri: str | None = None, **train) -> Params:
     """Default params shrunk for tests: 56x56, 3 views, batch 2, CPU, fp32 (bf16 on
     small CPU batches gains nothing), one torch thread (the test machine's two cores are
     shared: oversubscribed OpenMP threads crawl), no loader workers and no system metrics;
-    ``train`` overrides."""
-    params = Params()  # the dataclass defaults: independent of the demo's tuning
+    the ``tiny`` model and random view subsets pinned (the sample counts the tests rely on),
+    whatever the demo defaults; ``train`` overrides."""
+    params = Params()
     cache = dataclasses.replace(params.cache, image_size=[SIZE, SIZE], views_per_sample=3,
-                                max_samples_per_scene=3, shard_max_samples=4)
+                                max_samples_per_scene=3, shard_max_samples=4, sampling="random")
     settings = dict(accelerator="cpu", devices=1, strategy="auto", precision="32-true",
                     batch_size=2, num_workers=0, max_steps=4, warmup_steps=1,
                     val_every_steps=2, checkpoint_every_steps=2, log_every_steps=1,
@@ -43,6 +44,7 @@ def tiny_params(tracking_uri: str | None = None, **train) -> Params:
     settings.update(train)
     runtime = dataclasses.replace(params.runtime, threads=settings.pop("threads", 1))
     return dataclasses.replace(params, cache=cache, runtime=runtime,
+                               model=dataclasses.replace(params.model, name="tiny"),
                                train=dataclasses.replace(params.train, **settings))
 
 

@@ -15,11 +15,13 @@ Named variants (``MODEL_CONFIGS`` / :func:`get_config`):
   two thirds of ``tiny``'s in bf16 (0.22 s vs 0.33 s, AVX512-BF16) and half in fp32.
 - ``tiny-fine``: ``tiny-lite`` with 8-pixel patches: a 14x14 token grid at 112x112 instead of
   8x8, so the heads draw from four times as many tokens and correspondences between views are
-  found on a grid twice as fine (about 2.7x ``tiny-lite``'s training step time).
+  found on a grid twice as fine (about 2.7x ``tiny-lite``'s training step time). On the demo
+  it lowered the local loss but not the global one (README "Results").
 - ``tiny-pose``: ``tiny-lite`` whose global head is a pose head
   (:mod:`distill3r.models.pose_head`): the global map is the local map moved by a predicted
   per-view similarity, so view placement is learned as 10 numbers per view instead of being
-  drawn pixel by pixel by a second DPT head (which also makes a step cheaper).
+  drawn pixel by pixel by a second DPT head (which also makes a step cheaper). On the demo it
+  gave the best depth but worse poses than ``tiny-lite`` (README "Results").
 - ``micro``: a ~1.7M model with the same structure (width 96, 4 encoder and 3 decoder blocks,
   narrower DPT heads): the student of the learned-teacher study (``studies/distill``), whose
   teacher is a ``tiny``.
