@@ -94,13 +94,12 @@ def forward_flops(cfg: StudentConfig, views: int, height: int, width: int,
     if height <= 0 or width <= 0 or height % cfg.patch_size or width % cfg.patch_size:
         raise ValueError(f"image size {height}x{width} is not a positive multiple of the "
                          f"patch size {cfg.patch_size} of model {cfg.name!r}")
+    local = dpt_head_flops(cfg, batch * views, height, width)
+    pose = batch * views * (_linear(1, cfg.dec_dim, cfg.dec_dim) + _linear(1, cfg.dec_dim, 10))
     parts = {
         "encoder": encoder_flops(cfg, batch * views, height, width),
         "decoder": decoder_flops(cfg, batch, views, height, width),
-        "heads": dpt_head_flops(cfg, batch * views, height, width) + (
-            dpt_head_flops(cfg, batch * views, height, width) if cfg.global_head == "dpt"
-            else batch * views * (_linear(1, cfg.dec_dim, cfg.dec_dim)
-                                  + _linear(1, cfg.dec_dim, 10))),
+        "heads": local + (local if cfg.global_head == "dpt" else pose),
     }
     parts["total"] = sum(parts.values())
     return parts

@@ -166,7 +166,6 @@ def test_more_views_than_the_table_in_eval_mode():
     import numpy as np
     from dataclasses import replace
 
-    from distill3r.models.inputs import images_to_input
     from distill3r.models.streaming import stream_forward
 
     torch.manual_seed(0)
