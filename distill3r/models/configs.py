@@ -22,6 +22,11 @@ Named variants (``MODEL_CONFIGS`` / :func:`get_config`):
   per-view similarity, so view placement is learned as 10 numbers per view instead of being
   drawn pixel by pixel by a second DPT head (which also makes a step cheaper). On the demo it
   gave the best depth but worse poses than ``tiny-lite`` (README "Results").
+- ``tiny-conv``: ``tiny-lite`` whose encoder embeds patches with a small convolutional stem
+  (:class:`distill3r.models.encoder.ConvStemEmbed`: a 3x3 stride-2 conv and a 3x3 conv of width
+  32, then a 7x7 stride-7 patchify conv) instead of one 14x14 linear patch projection. Without
+  pretrained encoder weights a ViT learns slowly from a few hundred scenes; early convolutions
+  give it local image features from the first step. DUNE weights do not fit this encoder.
 - ``micro``: a ~1.7M model with the same structure (width 96, 4 encoder and 3 decoder blocks,
   narrower DPT heads): the student of the learned-teacher study (``studies/distill``), whose
   teacher is a ``tiny``.
@@ -60,6 +65,9 @@ class StudentConfig:
     enc_reg_tokens: int = 4
     enc_pos_embed: str = "learn"  # "learn" (bicubic-resampled per input size) | "none"
     enc_layerscale: Optional[float] = 1e-5  # LayerScale init value; null: no LayerScale
+    # 0: the ViT's p x p patch embedding (what DUNE weights fit); > 0: a convolutional stem of
+    # this width instead (models.encoder.ConvStemEmbed; even patch sizes only)
+    enc_stem_dim: int = 0
     # fusion decoder
     dec_dim: int = 384
     dec_depth: int = 6
@@ -97,6 +105,11 @@ class StudentConfig:
             raise ValueError(f"{where}: dec_dim must be even (sin-cos index embedding)")
         if self.enc_reg_tokens < 0:
             raise ValueError(f"{where}: enc_reg_tokens must be >= 0")
+        if self.enc_stem_dim < 0:
+            raise ValueError(f"{where}: enc_stem_dim must be >= 0, got {self.enc_stem_dim}")
+        if self.enc_stem_dim and self.patch_size % 2:
+            raise ValueError(f"{where}: a convolutional stem (enc_stem_dim > 0) needs an even "
+                             f"patch_size, got {self.patch_size}")
         if self.enc_pos_embed not in ("learn", "none"):
             raise ValueError(f"{where}: enc_pos_embed must be 'learn' or 'none', "
                              f"got {self.enc_pos_embed!r}")
@@ -155,6 +168,10 @@ def _tiny_pose() -> StudentConfig:
     return dataclasses.replace(_tiny_lite(), name="tiny-pose", global_head="pose")
 
 
+def _tiny_conv() -> StudentConfig:
+    return dataclasses.replace(_tiny_lite(), name="tiny-conv", enc_stem_dim=32)
+
+
 def _micro() -> StudentConfig:
     return StudentConfig(
         name="micro", patch_size=14, img_size=112,
@@ -174,7 +191,7 @@ def _fast3r_large() -> StudentConfig:
 
 
 _FACTORIES = {"paper": _paper, "tiny": _tiny, "tiny-lite": _tiny_lite, "tiny-fine": _tiny_fine,
-              "tiny-pose": _tiny_pose,
+              "tiny-pose": _tiny_pose, "tiny-conv": _tiny_conv,
               "micro": _micro,
               "fast3r-large": _fast3r_large}
 MODEL_CONFIGS: dict[str, StudentConfig] = {name: make() for name, make in _FACTORIES.items()}

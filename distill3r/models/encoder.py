@@ -16,9 +16,12 @@ antialiasing) gives different numbers, so it is replaced here (:func:`resize_pos
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 
 from distill3r.models.configs import StudentConfig
@@ -45,6 +48,25 @@ def resize_pos_table(table: torch.Tensor, table_hw: tuple[int, int],
     return out.permute(0, 2, 3, 1).reshape(1, h * w, c).to(table.dtype)
 
 
+class ConvStemEmbed(PatchEmbed):
+    """timm ``PatchEmbed`` whose projection is a small convolutional stem instead of one
+    ``p x p`` stride-``p`` conv: 3x3 stride-2 conv ``3 -> stem_dim``, GELU, 3x3 conv
+    ``stem_dim -> stem_dim``, GELU, ``p/2 x p/2`` stride-``p/2`` conv ``stem_dim -> embed_dim``.
+    Same token grid ``(H/p, W/p)`` and output format as ``PatchEmbed`` (``p`` must be even);
+    its parameters live under ``proj.0``, ``proj.2`` and ``proj.4``."""
+
+    def __init__(self, *args, stem_dim: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        p0, p1 = self.patch_size
+        if p0 % 2 or p1 % 2:
+            raise ValueError(f"ConvStemEmbed needs an even patch size, got {self.patch_size}")
+        in_chans, embed_dim = self.proj.in_channels, self.proj.out_channels
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_chans, stem_dim, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(stem_dim, stem_dim, 3, padding=1), nn.GELU(),
+            nn.Conv2d(stem_dim, embed_dim, (p0 // 2, p1 // 2), stride=(p0 // 2, p1 // 2)))
+
+
 class DuneViT(VisionTransformer):
     """timm ``VisionTransformer`` (same parameters and state-dict keys) whose learned position
     table is resized with :func:`resize_pos_table` for every input grid."""
@@ -69,12 +91,14 @@ class Encoder(nn.Module):
     def __init__(self, cfg: StudentConfig) -> None:
         super().__init__()
         self.patch_size = cfg.patch_size
+        embed = (partial(ConvStemEmbed, stem_dim=cfg.enc_stem_dim) if cfg.enc_stem_dim
+                 else PatchEmbed)
         self.vit = DuneViT(
             img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0, global_pool="",
             fc_norm=False, embed_dim=cfg.enc_dim, depth=cfg.enc_depth, num_heads=cfg.enc_heads,
             mlp_ratio=cfg.enc_mlp_ratio, qkv_bias=True, init_values=cfg.enc_layerscale,
             class_token=cfg.enc_class_token, reg_tokens=cfg.enc_reg_tokens, no_embed_class=True,
-            pos_embed=cfg.enc_pos_embed, dynamic_img_size=True,
+            pos_embed=cfg.enc_pos_embed, dynamic_img_size=True, embed_layer=embed,
         )
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)

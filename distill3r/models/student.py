@@ -141,7 +141,13 @@ def build_student(name: str, encoder_weights: Optional[str] = None,
                   head_chunk_size: int = 8) -> Student:
     """The named student (see ``MODEL_CONFIGS``). ``encoder_weights``: a DUNE checkpoint loaded
     strictly into the encoder, or ``None`` for random initialisation (logged as a warning)."""
-    model = Student(get_config(name), head_chunk_size=head_chunk_size)
+    config = get_config(name)
+    if encoder_weights is not None and config.enc_stem_dim:
+        raise ValueError(f"model {name!r} embeds patches with a convolutional stem "
+                         f"(enc_stem_dim {config.enc_stem_dim}): DUNE encoder weights "
+                         f"({encoder_weights}) need the ViT's patch embedding; choose a model "
+                         f"without a stem or drop model.encoder_weights")
+    model = Student(config, head_chunk_size=head_chunk_size)
     if encoder_weights is not None:
         load_dune_encoder(model.encoder.vit, encoder_weights)
         log.info("student %s: encoder initialised from %s", name, encoder_weights)
