@@ -9,7 +9,9 @@ residual adds, softmax and bilinear resizing are memory-bound and not counted.
 Layer by layer (see ``distill3r/models``), for ``V = B*N`` views of ``H x W`` pixels, patch
 ``p``, token grid ``h x w = H/p x W/p``, ``P = h*w`` patches:
 
-- encoder, per view: patch embedding (a ``p x p`` stride-``p`` conv ``3 -> C``), then
+- encoder, per view: patch embedding (a ``p x p`` stride-``p`` conv ``3 -> C``; with
+  ``enc_stem_dim = s > 0`` two 3x3 convs ``3 -> s -> s`` at ``H/2 x W/2`` and a ``p/2 x p/2``
+  stride-``p/2`` conv ``s -> C``), then
   ``enc_depth`` blocks over ``T = P + cls + registers`` tokens (qkv, attention, proj, MLP);
 - decoder, per sample: input projection ``enc_dim -> dec_dim`` on ``N*P`` tokens, then
   ``max(hooks)`` blocks with global attention over the ``L = N*P`` tokens of all views;
@@ -51,7 +53,12 @@ def encoder_flops(cfg: StudentConfig, views: int, height: int, width: int) -> in
     """Per-view ViT encoder over ``views`` images of ``height x width``."""
     patches = (height // cfg.patch_size) * (width // cfg.patch_size)
     tokens = patches + int(cfg.enc_class_token) + cfg.enc_reg_tokens
-    embed = _conv(patches, 3, cfg.enc_dim, cfg.patch_size)
+    if cfg.enc_stem_dim:  # models.encoder.ConvStemEmbed
+        half, stem = (height // 2) * (width // 2), cfg.enc_stem_dim
+        embed = (_conv(half, 3, stem, 3) + _conv(half, stem, stem, 3)
+                 + _conv(patches, stem, cfg.enc_dim, cfg.patch_size // 2))
+    else:
+        embed = _conv(patches, 3, cfg.enc_dim, cfg.patch_size)
     block = transformer_block_flops(tokens, tokens, cfg.enc_dim, cfg.enc_mlp_ratio)
     return views * (embed + cfg.enc_depth * block)
 

@@ -32,6 +32,7 @@ def _counted_flops(name: str, batch: int, views: int, height: int, width: int) -
     ("tiny", 2, 3, 70, 42),     # batch > 1, odd grid 5x3, portrait
     ("paper", 1, 1, 70, 98),    # the real 72M student at one small shape
     ("tiny-pose", 2, 3, 42, 56),  # a pose global head instead of the second DPT head
+    ("tiny-conv", 1, 2, 56, 70),  # a convolutional patch stem
 ])
 def test_analytic_flops_match_flop_counter(name, batch, views, height, width):
     counted = _counted_flops(name, batch, views, height, width)

@@ -58,6 +58,40 @@ def test_tiny_lite_is_tiny_with_narrower_heads():
     assert 5e6 < lite["total"] < 6e6
 
 
+def test_conv_stem_keeps_the_token_grid_and_trains(tmp_path):
+    torch.manual_seed(0)
+    conv, lite = build_student("tiny-conv").eval(), build_student("tiny-lite").eval()
+    images = _images(1, 2, 56, 84)
+    tokens = conv.encoder(images.flatten(0, 1))
+    assert tokens.shape == lite.encoder(images.flatten(0, 1)).shape == (2, 4 * 6, 192)
+    stem = {n for n, _ in conv.named_parameters() if n.startswith("encoder.vit.patch_embed")}
+    assert stem == {f"encoder.vit.patch_embed.proj.{k}.{w}" for k in (0, 2, 4)
+                    for w in ("weight", "bias")}
+    rest = {n for n, _ in conv.named_parameters()} - stem
+    assert rest == {n for n, _ in lite.named_parameters()
+                    if not n.startswith("encoder.vit.patch_embed")}
+    conv.train()
+    out = conv(images)
+    out["xyz_local"].sum().backward()
+    assert all(conv.encoder.vit.patch_embed.proj[k].weight.grad.abs().sum() > 0 for k in (0, 2, 4))
+    conv.eval()
+    save_student(conv, tmp_path / "conv")
+    loaded = load_student(tmp_path / "conv")
+    assert loaded.config.enc_stem_dim == 32
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(images)["xyz_global"], conv(images)["xyz_global"])
+
+
+def test_conv_stem_refuses_dune_weights_and_odd_patches():
+    with pytest.raises(ValueError, match="convolutional stem.*DUNE encoder weights"):
+        build_student("tiny-conv", encoder_weights="dune_vitsmall14_448.pth")
+    with pytest.raises(ValueError, match="needs an even patch_size, got 7"):
+        StudentConfig.from_dict({**get_config("tiny-conv").to_dict(), "patch_size": 7})
+    # a config.json written before the stem existed loads as the plain patch embedding
+    old = {k: v for k, v in get_config("tiny").to_dict().items() if k != "enc_stem_dim"}
+    assert StudentConfig.from_dict(old) == get_config("tiny")
+
+
 def test_micro_is_a_smaller_student_of_the_same_structure():
     micro, tiny = _meta_counts("micro"), _meta_counts("tiny")
     assert 1e6 < micro["total"] < 2e6
@@ -217,8 +251,8 @@ def test_xyz_activation_is_safe_at_zero():
 
 
 def test_config_registry_and_strict_round_trip():
-    assert set(MODEL_CONFIGS) == {"paper", "tiny", "tiny-lite", "tiny-fine", "tiny-pose", "micro",
-                                  "fast3r-large"}
+    assert set(MODEL_CONFIGS) == {"paper", "tiny", "tiny-lite", "tiny-fine", "tiny-pose",
+                                  "tiny-conv", "micro", "fast3r-large"}
     for name in MODEL_CONFIGS:
         cfg = get_config(name)
         assert StudentConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
