@@ -30,8 +30,8 @@ __all__ = ["BenchParams", "CacheParams", "DataParams", "DatasetSampling", "DemoP
            "from_dict", "load_params", "to_dict"]
 
 # distill3r.models.configs.MODEL_CONFIGS
-ModelName = Literal["paper", "tiny", "tiny-lite", "tiny-fine", "tiny-pose", "tiny-conv", "micro",
-                    "fast3r-large"]
+ModelName = Literal["paper", "tiny", "tiny-lite", "tiny-fine", "tiny-pose", "tiny-conv",
+                    "tiny-skip", "micro", "fast3r-large"]
 SamplingMode = Literal["random", "stride", "nearby"]
 CacheCompression = Literal["deflate", "stored", "auto"]
 TeacherName = Literal["groundtruth", "fast3r", "checkpoint"]

@@ -19,7 +19,9 @@ Layer by layer (see ``distill3r/models``), for ``V = B*N`` views of ``H x W`` pi
   k2 s2, a 3x3 stride-2 conv to ``ceil(h/2) x ceil(w/2)``), 3x3 convs to ``feature_dim``, four
   fusion blocks (two residual units of two 3x3 convs at the level's size, a 1x1 conv after the
   bilinear resize to the next finer level, ``8h x 8w`` after the finest), then a 3x3 conv at
-  ``8h x 8w``, a 3x3 conv at ``H x W`` and a 1x1 conv to 4 channels at ``H x W``;
+  ``8h x 8w``, a 3x3 conv at ``H x W`` and a 1x1 conv to 4 channels at ``H x W``; with
+  ``dpt_image_dim = d > 0`` also the image branch (3x3 convs ``3 -> d`` at ``8h x 8w`` and
+  ``d -> 2d`` stride 2, 1x1 projections of both to ``feature_dim``);
 - with ``global_head: pose`` the global head is an MLP ``dec_dim -> dec_dim -> 10`` on each
   view's pooled tokens (the composition ``s R x + t`` is elementwise work, not counted).
 """
@@ -87,6 +89,10 @@ def dpt_head_flops(cfg: StudentConfig, views: int, height: int, width: int) -> i
     targets = [(8 * h) * (8 * w)] + sizes[:3]  # fusion block k resizes to targets[k]
     for size, target in zip(sizes, targets):
         flops += 4 * _conv(size, feat, feat, 3) + _conv(target, feat, feat, 1)
+    if cfg.dpt_image_dim:  # image branch: convs at 8h x 8w and 4h x 4w, two projections
+        d = cfg.dpt_image_dim
+        flops += _conv(64 * h * w, 3, d, 3) + _conv(16 * h * w, d, 2 * d, 3)
+        flops += _conv(16 * h * w, 2 * d, feat, 1) + _conv(64 * h * w, d, feat, 1)
     flops += _conv(64 * h * w, feat, last, 3)
     flops += _conv(height * width, last, last, 3) + _conv(height * width, last, 4, 1)
     return views * flops

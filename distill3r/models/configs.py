@@ -27,6 +27,9 @@ Named variants (``MODEL_CONFIGS`` / :func:`get_config`):
   32, then a 7x7 stride-7 patchify conv) instead of one 14x14 linear patch projection. Without
   pretrained encoder weights a ViT learns slowly from a few hundred scenes; early convolutions
   give it local image features from the first step. DUNE weights do not fit this encoder.
+- ``tiny-skip``: ``tiny-lite`` whose DPT heads also see the image (``dpt_image_dim`` 16, the
+  image branch of :class:`distill3r.models.dpt.DPTHead`): object outlines at the heads' finest
+  levels instead of only what an 8x8 token grid carries.
 - ``micro``: a ~1.7M model with the same structure (width 96, 4 encoder and 3 decoder blocks,
   narrower DPT heads): the student of the learned-teacher study (``studies/distill``), whose
   teacher is a ``tiny``.
@@ -79,6 +82,7 @@ class StudentConfig:
     dpt_layer_dims: list[int] = field(default_factory=lambda: [96, 192, 384, 768])
     dpt_feature_dim: int = 256
     dpt_last_dim: int = 128
+    dpt_image_dim: int = 0  # > 0: the DPT heads see the image too (models.dpt, image branch)
     global_head: str = "dpt"  # "dpt" (a second DPT head) | "pose" (models.pose_head)
     xyz_activation: str = "exp"
     conf_activation: str = "expp1"
@@ -105,6 +109,8 @@ class StudentConfig:
             raise ValueError(f"{where}: dec_dim must be even (sin-cos index embedding)")
         if self.enc_reg_tokens < 0:
             raise ValueError(f"{where}: enc_reg_tokens must be >= 0")
+        if self.dpt_image_dim < 0:
+            raise ValueError(f"{where}: dpt_image_dim must be >= 0, got {self.dpt_image_dim}")
         if self.enc_stem_dim < 0:
             raise ValueError(f"{where}: enc_stem_dim must be >= 0, got {self.enc_stem_dim}")
         if self.enc_stem_dim and self.patch_size % 2:
@@ -172,6 +178,10 @@ def _tiny_conv() -> StudentConfig:
     return dataclasses.replace(_tiny_lite(), name="tiny-conv", enc_stem_dim=32)
 
 
+def _tiny_skip() -> StudentConfig:
+    return dataclasses.replace(_tiny_lite(), name="tiny-skip", dpt_image_dim=16)
+
+
 def _micro() -> StudentConfig:
     return StudentConfig(
         name="micro", patch_size=14, img_size=112,
@@ -192,6 +202,7 @@ def _fast3r_large() -> StudentConfig:
 
 _FACTORIES = {"paper": _paper, "tiny": _tiny, "tiny-lite": _tiny_lite, "tiny-fine": _tiny_fine,
               "tiny-pose": _tiny_pose, "tiny-conv": _tiny_conv,
+              "tiny-skip": _tiny_skip,
               "micro": _micro,
               "fast3r-large": _fast3r_large}
 MODEL_CONFIGS: dict[str, StudentConfig] = {name: make() for name, make in _FACTORIES.items()}

@@ -13,6 +13,15 @@ For token grids of size ``(h, w)`` (stride ``patch_size`` in the image):
 5. 3x3 conv ``feature_dim -> last_dim``, bilinear resize to exactly ``(H, W)`` (a factor of
    ``patch_size / 8``), 3x3 conv, ReLU, 1x1 conv to ``out_channels``.
 Any ``H, W`` multiple of the patch size works (odd grids included).
+
+With ``image_dim = d > 0`` the head also sees the image (a skip connection from the pixels, for
+students whose encoder starts from random weights and draws every object from a coarse token
+grid): the view ``[V,3,H,W]`` in [0, 1], shifted by -0.5 and resized (bilinear, antialiased) to
+the finest fusion size ``(8h, 8w)``, goes through a 3x3 conv ``3 -> d`` + ReLU (at ``8h x 8w``)
+and a 3x3 stride-2 conv ``d -> 2d`` + ReLU (at ``4h x 4w``); 1x1 convs project them to
+``feature_dim`` and add them to the finest level (``4h x 4w``, before fusion) and to the path
+after the finest fusion block (``8h x 8w``). The two projections start at zero, so an untrained
+image branch leaves the head's output unchanged.
 """
 
 from __future__ import annotations
@@ -73,9 +82,18 @@ class DPTHead(nn.Module):
     """``[V, h*w, C_i]`` x 4 -> ``[V, out_channels, H, W]`` (raw, before activations)."""
 
     def __init__(self, in_dims: list[int], layer_dims: list[int], feature_dim: int,
-                 last_dim: int, out_channels: int = 4) -> None:
+                 last_dim: int, out_channels: int = 4, image_dim: int = 0) -> None:
         super().__init__()
         assert len(in_dims) == 4 and len(layer_dims) == 4
+        self.image_dim = image_dim
+        if image_dim:
+            self.image_conv1 = nn.Conv2d(3, image_dim, 3, padding=1)
+            self.image_conv2 = nn.Conv2d(image_dim, 2 * image_dim, 3, stride=2, padding=1)
+            self.image_to_level = nn.Conv2d(2 * image_dim, feature_dim, 1)
+            self.image_to_path = nn.Conv2d(image_dim, feature_dim, 1)
+            for conv in (self.image_to_level, self.image_to_path):
+                nn.init.zeros_(conv.weight)
+                nn.init.zeros_(conv.bias)
         self.project = nn.ModuleList(nn.Conv2d(c, d, 1) for c, d in zip(in_dims, layer_dims))
         d0, d1, _, d3 = layer_dims
         self.resample = nn.ModuleList([
@@ -92,14 +110,19 @@ class DPTHead(nn.Module):
         self.out_conv3 = nn.Conv2d(last_dim, out_channels, 1)
 
     def forward(self, tokens: list[torch.Tensor], grid: tuple[int, int],
-                size: tuple[int, int]) -> torch.Tensor:
+                size: tuple[int, int], images: torch.Tensor | None = None) -> torch.Tensor:
+        """``images`` ``[V,3,H,W]`` in [0, 1]: required when the head has an image branch,
+        ignored otherwise."""
         h, w = grid
+        skips = self._image_features(images, grid) if self.image_dim else None
         levels = []
         for x, project, resample, rn in zip(tokens, self.project, self.resample, self.layer_rn):
             v, p, c = x.shape
             assert p == h * w, (p, grid)
             x = x.transpose(1, 2).reshape(v, c, h, w)
             levels.append(rn(resample(project(x))))
+        if skips is not None:
+            levels[0] = levels[0] + skips[0]
         path = None
         for k in (3, 2, 1, 0):
             if k > 0:
@@ -107,7 +130,24 @@ class DPTHead(nn.Module):
             else:
                 target = (2 * levels[0].shape[-2], 2 * levels[0].shape[-1])
             path = self.fusion[k](levels[k], path, tuple(target))
+        if skips is not None:
+            path = path + skips[1]
         out = F.interpolate(self.out_conv1(path), size=size, mode="bilinear", align_corners=True)
         del path
         out = F.relu(self.out_conv2(out), inplace=True)
         return self.out_conv3(out)
+
+    def _image_features(self, images: torch.Tensor | None, grid: tuple[int, int]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The image branch's additions: ``[V,F,4h,4w]`` (finest level) and ``[V,F,8h,8w]``
+        (path after the finest fusion block)."""
+        h, w = grid
+        if images is None or images.ndim != 4 or images.shape[1] != 3:
+            got = None if images is None else tuple(images.shape)
+            raise ValueError(f"this DPT head has an image branch: it needs the views' images "
+                             f"[V, 3, H, W], got {got}")
+        x = F.interpolate(images - 0.5, size=(8 * h, 8 * w), mode="bilinear",
+                          align_corners=False, antialias=True)
+        fine = F.relu(self.image_conv1(x))
+        coarse = F.relu(self.image_conv2(fine))
+        return self.image_to_level(coarse), self.image_to_path(fine)

@@ -160,6 +160,8 @@ def stream_forward(model, images: Sequence[np.ndarray], device: torch.device,
     for start, stop in _chunks(n, view_chunk):
         with autocast(device, dtype):
             reference = torch.arange(start, stop, device=feats[0].device) == 0
+            pixels = (images_to_input(np.ascontiguousarray(images[start:stop])).to(device)
+                      if model.config.dpt_image_dim else None)
             maps = model.run_heads([f[start:stop] for f in feats], grid, (height, width),
-                                   reference)
+                                   reference, pixels)
         sink(start, {k: v.cpu().numpy() for k, v in maps.items()})

@@ -52,7 +52,7 @@ class Student(nn.Module):
                                      config.dec_heads, config.dec_mlp_ratio, config.max_views)
         in_dims = [config.enc_dim if k == 0 else config.dec_dim for k in config.hooks]
         head_args = (in_dims, list(config.dpt_layer_dims), config.dpt_feature_dim,
-                     config.dpt_last_dim, 4)
+                     config.dpt_last_dim, 4, config.dpt_image_dim)
         self.head_global = (DPTHead(*head_args) if config.global_head == "dpt"
                             else PoseHead(config.dec_dim))
         self.head_local = DPTHead(*head_args)
@@ -83,7 +83,8 @@ class Student(nn.Module):
         dec_iter = iter(dec)
         feats = [enc if k == 0 else next(dec_iter).flatten(0, 1) for k in self.config.hooks]
         reference = torch.arange(b * n, device=images.device) % n == 0
-        maps = self.run_heads(feats, grid, (height, width), reference)
+        maps = self.run_heads(feats, grid, (height, width), reference,
+                              images.reshape(b * n, 3, height, width))
         return {k: v.view(b, n, *v.shape[1:]) for k, v in maps.items()}
 
     def forward_stream(self, images, device: torch.device, dtype: torch.dtype, sink,
@@ -95,11 +96,12 @@ class Student(nn.Module):
         stream_forward(self, images, device, dtype, sink, view_chunk, token_chunk)
 
     def run_heads(self, feats: list[torch.Tensor], grid: tuple[int, int],
-                  size: tuple[int, int], reference: Optional[torch.Tensor] = None
-                  ) -> dict[str, torch.Tensor]:
+                  size: tuple[int, int], reference: Optional[torch.Tensor] = None,
+                  images: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
         """Both heads on hooked tokens ``feats`` (4 x ``[V, P, C_k]``) -> float32
         ``xyz_global, xyz_local [V,H,W,3]``, ``conf_global, conf_local [V,H,W]``.
-        ``reference`` bool ``[V]`` marks each sample's view 0 (needed by a pose head only)."""
+        ``reference`` bool ``[V]`` marks each sample's view 0 (needed by a pose head only);
+        ``images`` ``[V,3,H,W]`` in [0, 1] (needed by heads with an image branch only)."""
         pose = isinstance(self.head_global, PoseHead)
         if pose and (reference is None or reference.shape != (feats[-1].shape[0],)):
             raise ValueError("a pose global head needs reference [V]: which views are view 0 "
@@ -107,23 +109,27 @@ class Student(nn.Module):
         if not pose:
             out = {}
             for name, head in (("global", self.head_global), ("local", self.head_local)):
-                out[f"xyz_{name}"], out[f"conf_{name}"] = self._run_head(head, feats, grid, size)
+                out[f"xyz_{name}"], out[f"conf_{name}"] = self._run_head(head, feats, grid, size,
+                                                                         images)
             return out
-        xyz_local, conf_local = self._run_head(self.head_local, feats, grid, size)
+        xyz_local, conf_local = self._run_head(self.head_local, feats, grid, size, images)
         rot, trans, scale = self.head_global(feats[-1], reference)
         return {"xyz_global": PoseHead.compose(xyz_local, rot, trans, scale),
                 "conf_global": conf_local.clone(), "xyz_local": xyz_local,
                 "conf_local": conf_local}
 
     def _run_head(self, head: DPTHead, feats: list[torch.Tensor], grid: tuple[int, int],
-                  size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+                  size: tuple[int, int], images: Optional[torch.Tensor] = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run ``head`` over the ``V = B*N`` views in chunks -> ``[V,H,W,3]``, ``[V,H,W]``."""
         views, device = feats[0].shape[0], feats[0].device
         xyz = torch.empty(views, *size, 3, dtype=torch.float32, device=device)
         conf = torch.empty(views, *size, dtype=torch.float32, device=device)
         for start in range(0, views, self.head_chunk_size):
             stop = min(start + self.head_chunk_size, views)
-            raw = head([f[start:stop] for f in feats], grid, size).float().permute(0, 2, 3, 1)
+            chunk = None if images is None else images[start:stop]
+            raw = head([f[start:stop] for f in feats], grid, size, chunk)
+            raw = raw.float().permute(0, 2, 3, 1)
             xyz[start:stop] = self.xyz_act(raw[..., :3])
             conf[start:stop] = self.conf_act(raw[..., 3])
         return xyz, conf
