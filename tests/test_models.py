@@ -252,7 +252,7 @@ def test_xyz_activation_is_safe_at_zero():
 
 def test_config_registry_and_strict_round_trip():
     assert set(MODEL_CONFIGS) == {"paper", "tiny", "tiny-lite", "tiny-fine", "tiny-pose",
-                                  "tiny-conv", "micro", "fast3r-large"}
+                                  "tiny-conv", "tiny-skip", "micro", "fast3r-large"}
     for name in MODEL_CONFIGS:
         cfg = get_config(name)
         assert StudentConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
@@ -378,3 +378,48 @@ def test_pose_head_streamed_views_match_the_batched_forward():
         want = model(images_to_input(images)[None])
     streamed = torch.cat([torch.from_numpy(got[s]["xyz_global"]) for s in sorted(got)])
     torch.testing.assert_close(streamed, want["xyz_global"][0], atol=1e-4, rtol=1e-4)
+
+
+def _skip_student() -> Student:
+    """A ``tiny-skip`` whose image branches are switched on (their projections start at 0)."""
+    torch.manual_seed(0)
+    model = build_student("tiny-skip", head_chunk_size=3).eval()
+    with torch.no_grad():
+        for head in (model.head_global, model.head_local):
+            for conv in (head.image_to_level, head.image_to_path):
+                conv.weight.normal_(0.0, 0.3)
+    return model
+
+
+def test_image_branch_starts_silent_then_sees_the_pixels():
+    torch.manual_seed(0)
+    head = build_student("tiny-skip").eval().head_local
+    tokens = [torch.randn(2, 3 * 4, c) for c in (192, 192, 192, 192)]
+    a, b = _images(1, 2, 42, 56, seed=1)[0], _images(1, 2, 42, 56, seed=2)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(head(tokens, (3, 4), (42, 56), a),
+                                   head(tokens, (3, 4), (42, 56), b))
+        with pytest.raises(ValueError, match="image branch: it needs the views' images"):
+            head(tokens, (3, 4), (42, 56))
+        skip = _skip_student()
+        out_a = skip.head_local(tokens, (3, 4), (42, 56), a)
+        out_b = skip.head_local(tokens, (3, 4), (42, 56), b)
+    assert out_a.shape == (2, 4, 42, 56)
+    assert (out_a - out_b).abs().max() > 1e-3
+
+
+def test_image_branch_streamed_views_match_the_batched_forward():
+    from distill3r.models.inputs import images_to_input
+    from distill3r.models.streaming import stream_forward
+
+    model = _skip_student()
+    images = (torch.rand(5, 28, 42, 3, generator=torch.Generator().manual_seed(3)) * 255).to(
+        torch.uint8)
+    got = {}
+    stream_forward(model, images.numpy(), torch.device("cpu"), torch.float32,
+                   lambda start, maps: got.update({start: maps}), view_chunk=2)
+    with torch.no_grad():
+        want = model(images_to_input(images)[None])
+    for key in ("xyz_global", "xyz_local", "conf_local"):
+        streamed = torch.cat([torch.from_numpy(got[s][key]) for s in sorted(got)])
+        torch.testing.assert_close(streamed, want[key][0], atol=1e-4, rtol=1e-4)
