@@ -30,6 +30,8 @@ Named variants (``MODEL_CONFIGS`` / :func:`get_config`):
 - ``tiny-skip``: ``tiny-lite`` whose DPT heads also see the image (``dpt_image_dim`` 16, the
   image branch of :class:`distill3r.models.dpt.DPTHead`): object outlines at the heads' finest
   levels instead of only what an 8x8 token grid carries.
+- ``tiny-hybrid``: ``tiny-lite`` with both: the convolutional stem of ``tiny-conv`` and the
+  image branch of ``tiny-skip``.
 - ``micro``: a ~1.7M model with the same structure (width 96, 4 encoder and 3 decoder blocks,
   narrower DPT heads): the student of the learned-teacher study (``studies/distill``), whose
   teacher is a ``tiny``.
@@ -182,6 +184,10 @@ def _tiny_skip() -> StudentConfig:
     return dataclasses.replace(_tiny_lite(), name="tiny-skip", dpt_image_dim=16)
 
 
+def _tiny_hybrid() -> StudentConfig:
+    return dataclasses.replace(_tiny_lite(), name="tiny-hybrid", enc_stem_dim=32, dpt_image_dim=16)
+
+
 def _micro() -> StudentConfig:
     return StudentConfig(
         name="micro", patch_size=14, img_size=112,
@@ -202,7 +208,7 @@ def _fast3r_large() -> StudentConfig:
 
 _FACTORIES = {"paper": _paper, "tiny": _tiny, "tiny-lite": _tiny_lite, "tiny-fine": _tiny_fine,
               "tiny-pose": _tiny_pose, "tiny-conv": _tiny_conv,
-              "tiny-skip": _tiny_skip,
+              "tiny-skip": _tiny_skip, "tiny-hybrid": _tiny_hybrid,
               "micro": _micro,
               "fast3r-large": _fast3r_large}
 MODEL_CONFIGS: dict[str, StudentConfig] = {name: make() for name, make in _FACTORIES.items()}
