@@ -364,21 +364,28 @@ def test_pose_head_untrained_is_the_identity_and_needs_reference_views():
         model.run_heads(feats, (2, 2), (28, 28))
 
 
-def test_pose_head_streamed_views_match_the_batched_forward():
-    """Streaming runs the heads in view chunks: only the first chunk holds view 0."""
+def _assert_streamed_matches_batched(model: Student, views: int, height: int, width: int,
+                                    view_chunk: int, keys: tuple[str, ...], seed: int) -> None:
+    """``stream_forward`` in chunks of ``view_chunk`` views gives the batched forward's maps."""
     from distill3r.models.inputs import images_to_input
     from distill3r.models.streaming import stream_forward
 
-    model = _pose_student()
-    images = (torch.rand(7, 28, 28, 3, generator=torch.Generator().manual_seed(2)) * 255).to(
-        torch.uint8)
+    images = (torch.rand(views, height, width, 3, generator=torch.Generator().manual_seed(seed))
+              * 255).to(torch.uint8)
     got = {}
     stream_forward(model, images.numpy(), torch.device("cpu"), torch.float32,
-                   lambda start, maps: got.update({start: maps}), view_chunk=3)
+                   lambda start, maps: got.update({start: maps}), view_chunk=view_chunk)
     with torch.no_grad():
         want = model(images_to_input(images)[None])
-    streamed = torch.cat([torch.from_numpy(got[s]["xyz_global"]) for s in sorted(got)])
-    torch.testing.assert_close(streamed, want["xyz_global"][0], atol=1e-4, rtol=1e-4)
+    for key in keys:
+        streamed = torch.cat([torch.from_numpy(got[s][key]) for s in sorted(got)])
+        torch.testing.assert_close(streamed, want[key][0], atol=1e-4, rtol=1e-4)
+
+
+def test_pose_head_streamed_views_match_the_batched_forward():
+    """Streaming runs the heads in view chunks: only the first chunk holds view 0."""
+    _assert_streamed_matches_batched(_pose_student(), 7, 28, 28, view_chunk=3,
+                                     keys=("xyz_global",), seed=2)
 
 
 def _skip_student() -> Student:
@@ -410,17 +417,5 @@ def test_image_branch_starts_silent_then_sees_the_pixels():
 
 
 def test_image_branch_streamed_views_match_the_batched_forward():
-    from distill3r.models.inputs import images_to_input
-    from distill3r.models.streaming import stream_forward
-
-    model = _skip_student()
-    images = (torch.rand(5, 28, 42, 3, generator=torch.Generator().manual_seed(3)) * 255).to(
-        torch.uint8)
-    got = {}
-    stream_forward(model, images.numpy(), torch.device("cpu"), torch.float32,
-                   lambda start, maps: got.update({start: maps}), view_chunk=2)
-    with torch.no_grad():
-        want = model(images_to_input(images)[None])
-    for key in ("xyz_global", "xyz_local", "conf_local"):
-        streamed = torch.cat([torch.from_numpy(got[s][key]) for s in sorted(got)])
-        torch.testing.assert_close(streamed, want[key][0], atol=1e-4, rtol=1e-4)
+    _assert_streamed_matches_batched(_skip_student(), 5, 28, 42, view_chunk=2,
+                                     keys=("xyz_global", "xyz_local", "conf_local"), seed=3)

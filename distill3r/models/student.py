@@ -77,14 +77,14 @@ class Student(nn.Module):
         self._check_input(images)
         b, n, _, height, width = images.shape
         grid = (height // self.patch_size, width // self.patch_size)
-        enc = self.encoder(images.reshape(b * n, 3, height, width))  # [B*N, P, Ce]
+        views = images.reshape(b * n, 3, height, width)
+        enc = self.encoder(views)  # [B*N, P, Ce]
         dec_blocks = [k for k in self.config.hooks if k > 0]
         dec = self.decoder(enc.view(b, n, enc.shape[1], enc.shape[2]), dec_blocks)
         dec_iter = iter(dec)
         feats = [enc if k == 0 else next(dec_iter).flatten(0, 1) for k in self.config.hooks]
         reference = torch.arange(b * n, device=images.device) % n == 0
-        maps = self.run_heads(feats, grid, (height, width), reference,
-                              images.reshape(b * n, 3, height, width))
+        maps = self.run_heads(feats, grid, (height, width), reference, views)
         return {k: v.view(b, n, *v.shape[1:]) for k, v in maps.items()}
 
     def forward_stream(self, images, device: torch.device, dtype: torch.dtype, sink,
