@@ -21,7 +21,11 @@ Layer by layer (see ``distill3r/models``), for ``V = B*N`` views of ``H x W`` pi
   bilinear resize to the next finer level, ``8h x 8w`` after the finest), then a 3x3 conv at
   ``8h x 8w``, a 3x3 conv at ``H x W`` and a 1x1 conv to 4 channels at ``H x W``; with
   ``dpt_image_dim = d > 0`` also the image branch (3x3 convs ``3 -> d`` at ``8h x 8w`` and
-  ``d -> 2d`` stride 2, 1x1 projections of both to ``feature_dim``);
+  ``d -> 2d`` stride 2, 1x1 projections of both to ``feature_dim``); with
+  ``dpt_image_blocks = b > 0`` the pyramid instead: a 3x3 conv ``3 -> d`` at ``8h x 8w``,
+  stages ``k = 0..3`` of width ``d 2^k`` at ``8h/2^k x 8w/2^k`` (a 3x3 stride-2 conv from the
+  previous stage for ``k > 0``, ``b`` residual units of two 3x3 convs, a 1x1 projection to
+  ``feature_dim``);
 - with ``global_head: pose`` the global head is an MLP ``dec_dim -> dec_dim -> 10`` on each
   view's pooled tokens (the composition ``s R x + t`` is elementwise work, not counted).
 """
@@ -89,10 +93,17 @@ def dpt_head_flops(cfg: StudentConfig, views: int, height: int, width: int) -> i
     targets = [(8 * h) * (8 * w)] + sizes[:3]  # fusion block k resizes to targets[k]
     for size, target in zip(sizes, targets):
         flops += 4 * _conv(size, feat, feat, 3) + _conv(target, feat, feat, 1)
-    if cfg.dpt_image_dim:  # image branch: convs at 8h x 8w and 4h x 4w, two projections
-        d = cfg.dpt_image_dim
+    d, blocks = cfg.dpt_image_dim, cfg.dpt_image_blocks
+    if d and not blocks:  # image branch: convs at 8h x 8w and 4h x 4w, two projections
         flops += _conv(64 * h * w, 3, d, 3) + _conv(16 * h * w, d, 2 * d, 3)
         flops += _conv(16 * h * w, 2 * d, feat, 1) + _conv(64 * h * w, d, feat, 1)
+    elif d:  # pyramid: stages of width d << k at (8h x 8w) / 4^k pixels, one projection each
+        flops += _conv(64 * h * w, 3, d, 3)
+        for k in range(4):
+            pixels, dim = (64 * h * w) >> (2 * k), d << k
+            if k:
+                flops += _conv(pixels, dim // 2, dim, 3)
+            flops += 2 * blocks * _conv(pixels, dim, dim, 3) + _conv(pixels, dim, feat, 1)
     flops += _conv(64 * h * w, feat, last, 3)
     flops += _conv(height * width, last, last, 3) + _conv(height * width, last, 4, 1)
     return views * flops

@@ -34,6 +34,7 @@ def _counted_flops(name: str, batch: int, views: int, height: int, width: int) -
     ("tiny-pose", 2, 3, 42, 56),  # a pose global head instead of the second DPT head
     ("tiny-conv", 1, 2, 56, 70),  # a convolutional patch stem
     ("tiny-skip", 2, 2, 42, 70),  # DPT heads with an image branch
+    ("tiny-pyramid", 1, 3, 42, 70),  # the image branch as a conv pyramid, odd grid
 ])
 def test_analytic_flops_match_flop_counter(name, batch, views, height, width):
     counted = _counted_flops(name, batch, views, height, width)

@@ -87,6 +87,9 @@ class StudentConfig:
     dpt_feature_dim: int = 256
     dpt_last_dim: int = 128
     dpt_image_dim: int = 0  # > 0: the DPT heads see the image too (models.dpt, image branch)
+    # > 0 (with dpt_image_dim): that image branch is a 4-stage conv pyramid with this many
+    # residual conv units per stage (models.dpt)
+    dpt_image_blocks: int = 0
     global_head: str = "dpt"  # "dpt" (a second DPT head) | "pose" (models.pose_head)
     xyz_activation: str = "exp"
     conf_activation: str = "expp1"
@@ -115,6 +118,11 @@ class StudentConfig:
             raise ValueError(f"{where}: enc_reg_tokens must be >= 0")
         if self.dpt_image_dim < 0:
             raise ValueError(f"{where}: dpt_image_dim must be >= 0, got {self.dpt_image_dim}")
+        if self.dpt_image_blocks < 0:
+            raise ValueError(f"{where}: dpt_image_blocks must be >= 0, got {self.dpt_image_blocks}")
+        if self.dpt_image_blocks and not self.dpt_image_dim:
+            raise ValueError(f"{where}: dpt_image_blocks > 0 needs an image branch "
+                             f"(dpt_image_dim > 0)")
         if self.enc_stem_dim < 0:
             raise ValueError(f"{where}: enc_stem_dim must be >= 0, got {self.enc_stem_dim}")
         if self.enc_stem_dim and self.patch_size % 2:
@@ -190,6 +198,10 @@ def _tiny_hybrid() -> StudentConfig:
     return dataclasses.replace(_tiny_lite(), name="tiny-hybrid", enc_stem_dim=32, dpt_image_dim=16)
 
 
+def _tiny_pyramid() -> StudentConfig:
+    return dataclasses.replace(_tiny_hybrid(), name="tiny-pyramid", dpt_image_blocks=2)
+
+
 def _micro() -> StudentConfig:
     return StudentConfig(
         name="micro", patch_size=14, img_size=112,
@@ -210,7 +222,7 @@ def _fast3r_large() -> StudentConfig:
 
 _FACTORIES = {"paper": _paper, "tiny": _tiny, "tiny-lite": _tiny_lite, "tiny-fine": _tiny_fine,
               "tiny-pose": _tiny_pose, "tiny-conv": _tiny_conv,
-              "tiny-skip": _tiny_skip, "tiny-hybrid": _tiny_hybrid,
+              "tiny-skip": _tiny_skip, "tiny-hybrid": _tiny_hybrid, "tiny-pyramid": _tiny_pyramid,
               "micro": _micro,
               "fast3r-large": _fast3r_large}
 MODEL_CONFIGS: dict[str, StudentConfig] = {name: make() for name, make in _FACTORIES.items()}

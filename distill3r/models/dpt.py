@@ -22,6 +22,13 @@ and a 3x3 stride-2 conv ``d -> 2d`` + ReLU (at ``4h x 4w``); 1x1 convs project t
 ``feature_dim`` and add them to the finest level (``4h x 4w``, before fusion) and to the path
 after the finest fusion block (``8h x 8w``). The two projections start at zero, so an untrained
 image branch leaves the head's output unchanged.
+
+With ``image_blocks = b > 0`` the image branch is a small convolutional pyramid instead (the
+role of the ResNet stages of DPT-Hybrid): four stages of widths ``d, 2d, 4d, 8d`` at ``8h, 4h,
+2h, h`` (a 3x3 conv ``3 -> d``, then 3x3 stride-2 convs between stages), each followed by ``b``
+residual conv units, so the receptive field grows to whole objects. Zero-initialised 1x1
+projections add the four stages to the path after the finest fusion block and to levels 0, 1
+and 2 (``4h, 2h, h``).
 """
 
 from __future__ import annotations
@@ -32,12 +39,12 @@ from torch import nn
 
 
 class StrideTwoConv(nn.Conv2d):
-    """3x3 stride-2 conv (padding 1). oneDNN 3.12 (torch 2.14 CPU) returns garbage, sometimes
-    NaN, for bf16 stride-2 convolutions whose output is one column wide; those (tiny) maps run
-    in float32 instead."""
+    """3x3 stride-2 conv (padding 1), ``dim -> out_dim`` (default ``dim``). oneDNN 3.12 (torch
+    2.14 CPU) returns garbage, sometimes NaN, for bf16 stride-2 convolutions whose output is one
+    column wide; those (tiny) maps run in float32 instead."""
 
-    def __init__(self, dim: int) -> None:
-        super().__init__(dim, dim, kernel_size=3, stride=2, padding=1)
+    def __init__(self, dim: int, out_dim: int | None = None) -> None:
+        super().__init__(dim, out_dim or dim, kernel_size=3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         low_precision = x.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type)
@@ -82,16 +89,29 @@ class DPTHead(nn.Module):
     """``[V, h*w, C_i]`` x 4 -> ``[V, out_channels, H, W]`` (raw, before activations)."""
 
     def __init__(self, in_dims: list[int], layer_dims: list[int], feature_dim: int,
-                 last_dim: int, out_channels: int = 4, image_dim: int = 0) -> None:
+                 last_dim: int, out_channels: int = 4, image_dim: int = 0,
+                 image_blocks: int = 0) -> None:
         super().__init__()
         assert len(in_dims) == 4 and len(layer_dims) == 4
         self.image_dim = image_dim
+        self.image_blocks = image_blocks if image_dim else 0
         if image_dim:
-            self.image_conv1 = nn.Conv2d(3, image_dim, 3, padding=1)
-            self.image_conv2 = nn.Conv2d(image_dim, 2 * image_dim, 3, stride=2, padding=1)
-            self.image_to_level = nn.Conv2d(2 * image_dim, feature_dim, 1)
-            self.image_to_path = nn.Conv2d(image_dim, feature_dim, 1)
-            for conv in (self.image_to_level, self.image_to_path):
+            d = image_dim
+            self.image_conv1 = nn.Conv2d(3, d, 3, padding=1)
+            self.image_conv2 = nn.Conv2d(d, 2 * d, 3, stride=2, padding=1)
+            self.image_to_level = nn.Conv2d(2 * d, feature_dim, 1)
+            self.image_to_path = nn.Conv2d(d, feature_dim, 1)
+            projections = [self.image_to_level, self.image_to_path]
+            if self.image_blocks:
+                self.image_units = nn.ModuleList(
+                    nn.Sequential(*(ResidualConvUnit(d << k) for _ in range(self.image_blocks)))
+                    for k in range(4))
+                self.image_down = nn.ModuleList(
+                    StrideTwoConv(d << k, d << (k + 1)) for k in (1, 2))
+                self.image_to_coarse = nn.ModuleList(
+                    nn.Conv2d(d << k, feature_dim, 1) for k in (2, 3))
+                projections += list(self.image_to_coarse)
+            for conv in projections:
                 nn.init.zeros_(conv.weight)
                 nn.init.zeros_(conv.bias)
         self.project = nn.ModuleList(nn.Conv2d(c, d, 1) for c, d in zip(in_dims, layer_dims))
@@ -122,7 +142,8 @@ class DPTHead(nn.Module):
             x = x.transpose(1, 2).reshape(v, c, h, w)
             levels.append(rn(resample(project(x))))
         if skips is not None:
-            levels[0] = levels[0] + skips[0]
+            for k, skip in enumerate(skips[1:]):
+                levels[k] = levels[k] + skip
         path = None
         for k in (3, 2, 1, 0):
             if k > 0:
@@ -131,16 +152,16 @@ class DPTHead(nn.Module):
                 target = (2 * levels[0].shape[-2], 2 * levels[0].shape[-1])
             path = self.fusion[k](levels[k], path, tuple(target))
         if skips is not None:
-            path = path + skips[1]
+            path = path + skips[0]
         out = F.interpolate(self.out_conv1(path), size=size, mode="bilinear", align_corners=True)
         del path
         out = F.relu(self.out_conv2(out), inplace=True)
         return self.out_conv3(out)
 
     def _image_features(self, images: torch.Tensor | None, grid: tuple[int, int]
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The image branch's additions: ``[V,F,4h,4w]`` (finest level) and ``[V,F,8h,8w]``
-        (path after the finest fusion block)."""
+                        ) -> list[torch.Tensor]:
+        """The image branch's additions ``[V,F,.,.]``: to the path after the finest fusion block
+        (``8h x 8w``), then to levels 0 (``4h x 4w``) and, with ``image_blocks``, 1 and 2."""
         h, w = grid
         if images is None or images.ndim != 4 or images.shape[1] != 3:
             got = None if images is None else tuple(images.shape)
@@ -149,5 +170,12 @@ class DPTHead(nn.Module):
         x = F.interpolate(images - 0.5, size=(8 * h, 8 * w), mode="bilinear",
                           align_corners=False, antialias=True)
         fine = F.relu(self.image_conv1(x))
-        coarse = F.relu(self.image_conv2(fine))
-        return self.image_to_level(coarse), self.image_to_path(fine)
+        if not self.image_blocks:
+            coarse = F.relu(self.image_conv2(fine))
+            return [self.image_to_path(fine), self.image_to_level(coarse)]
+        fine = self.image_units[0](fine)
+        stages = [fine, self.image_units[1](self.image_conv2(F.relu(fine)))]
+        for down, units in zip(self.image_down, self.image_units[2:]):
+            stages.append(units(down(F.relu(stages[-1]))))
+        projections = [self.image_to_path, self.image_to_level, *self.image_to_coarse]
+        return [project(F.relu(x)) for project, x in zip(projections, stages)]
