@@ -1,5 +1,6 @@
 """Student: parameter counts, forward/backward on every shape, determinism, checkpoints."""
 
+import dataclasses
 import json
 
 import pytest
@@ -388,13 +389,18 @@ def test_pose_head_streamed_views_match_the_batched_forward():
                                      keys=("xyz_global",), seed=2)
 
 
-def _skip_student() -> Student:
-    """A ``tiny-skip`` whose image branches are switched on (their projections start at 0)."""
+def _image_projections(head) -> list[torch.nn.Conv2d]:
+    extra = list(head.image_to_coarse) if head.image_blocks else []
+    return [head.image_to_path, head.image_to_level, *extra]
+
+
+def _skip_student(name: str = "tiny-skip") -> Student:
+    """A ``name`` student whose image branches are switched on (their projections start at 0)."""
     torch.manual_seed(0)
-    model = build_student("tiny-skip", head_chunk_size=3).eval()
+    model = build_student(name, head_chunk_size=3).eval()
     with torch.no_grad():
         for head in (model.head_global, model.head_local):
-            for conv in (head.image_to_level, head.image_to_path):
+            for conv in _image_projections(head):
                 conv.weight.normal_(0.0, 0.3)
     return model
 
@@ -419,3 +425,49 @@ def test_image_branch_starts_silent_then_sees_the_pixels():
 def test_image_branch_streamed_views_match_the_batched_forward():
     _assert_streamed_matches_batched(_skip_student(), 5, 28, 42, view_chunk=2,
                                      keys=("xyz_global", "xyz_local", "conf_local"), seed=3)
+
+
+def test_image_pyramid_reaches_the_output_through_each_of_its_four_stages():
+    """``tiny-pyramid``: ``tiny-hybrid`` whose image branch has four stages (8h, 4h, 2h, h) of
+    residual units; it starts silent, and each stage's projection alone moves the output."""
+    pyramid, hybrid = get_config("tiny-pyramid"), get_config("tiny-hybrid")
+    assert dataclasses.replace(pyramid, name="tiny-hybrid", dpt_image_blocks=0) == hybrid
+    torch.manual_seed(0)
+    head = build_student("tiny-pyramid").eval().head_local
+    projections = _image_projections(head)
+    assert [p.in_channels for p in projections] == [16, 32, 64, 128]
+    assert all(float(p.weight.abs().sum()) == 0 for p in projections)
+    tokens = [torch.randn(2, 3 * 5, 192) for _ in range(4)]
+    a, b = _images(1, 2, 42, 70, seed=1)[0], _images(1, 2, 42, 70, seed=2)[0]
+    with torch.no_grad():
+        base = head(tokens, (3, 5), (42, 70), a)
+        torch.testing.assert_close(base, head(tokens, (3, 5), (42, 70), b))
+        for k, conv in enumerate(projections):
+            conv.weight.normal_(0.0, 0.3)
+            out_a = head(tokens, (3, 5), (42, 70), a)
+            out_b = head(tokens, (3, 5), (42, 70), b)
+            conv.weight.zero_()
+            assert out_a.shape == (2, 4, 42, 70)
+            # random pixels average out in the coarse stages: small, but not zero
+            assert (out_a - out_b).abs().max() > 1e-5, f"stage {k} does not reach the output"
+
+
+def test_image_pyramid_streams_odd_and_one_column_grids_and_round_trips(tmp_path):
+    model = _skip_student("tiny-pyramid")
+    _assert_streamed_matches_batched(model, 5, 42, 28, view_chunk=2,
+                                     keys=("xyz_global", "xyz_local", "conf_local"), seed=4)
+    x = _images(1, 2, 28, 14, seed=5)  # grid 2x1: the coarsest stage is one column wide
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert all(torch.isfinite(v.float()).all() for v in model(x).values())
+    save_student(model, tmp_path / "pyramid")
+    loaded = load_student(tmp_path / "pyramid")
+    assert loaded.config == model.config
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)["xyz_local"], model(x)["xyz_local"])
+
+
+def test_image_pyramid_needs_an_image_branch():
+    with pytest.raises(ValueError, match="dpt_image_blocks > 0 needs an image branch"):
+        dataclasses.replace(get_config("tiny-lite"), dpt_image_blocks=2)
+    with pytest.raises(ValueError, match="dpt_image_blocks must be >= 0, got -1"):
+        dataclasses.replace(get_config("tiny-hybrid"), dpt_image_blocks=-1)
