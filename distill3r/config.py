@@ -246,8 +246,9 @@ class LossParams:
     alpha_local: float = 1.0
     gamma_conf: float = 0.001
     weighting: Literal["teacher", "none", "student"] = "teacher"
-    # per-pixel point error: "euclidean" ||p - q|| (DUSt3R/Fast3R's L21) or "squared" ||p - q||^2
-    distance: Literal["euclidean", "squared"] = "euclidean"
+    # per-pixel point error: "euclidean" ||p - q|| (DUSt3R/Fast3R's L21), "squared" ||p - q||^2,
+    # or "relative": ||p - q|| over the pixel's normalised distance to its own camera
+    distance: Literal["euclidean", "squared", "relative"] = "euclidean"
     conf_scale: float = 10.0
     w_min: float = 0.1
 

@@ -12,7 +12,10 @@ pred = the student output dict, target = ``xyz_global``, ``xyz_local`` ``[B,N,H,
   the prediction.
 - Geometric term of one view: ``sum_valid w * d(p_hat/s_hat, p/s) / N_valid`` with
   ``d = ||.||`` (``distance="euclidean"``: DUSt3R's and Fast3R's ``L21Loss``, naver/dust3r
-  ``dust3r/losses.py``) or ``||.||^2`` (``"squared"``) and
+  ``dust3r/losses.py``), ``||.||^2`` (``"squared"``) or ``||.|| / r`` (``"relative"``) with
+  ``r = max(||p_local|| / s_local, 0.05)`` the pixel's distance to its own camera in the
+  teacher's normalised local map (mean 1 per view): the error relative to how far the
+  pixel is, as depth AbsRel measures it, so near objects count as much as far walls; and
   ``w = clamp(conf_teacher / conf_scale, w_min, 1)`` (``weighting="teacher"``), ``1``
   (``"none"``) or ``clamp(conf_student.detach() / conf_scale, w_min, 1)`` (``"student"``).
   ``L_global`` / ``L_local`` = mean over all (sample, view) pairs that have a valid pixel.
@@ -35,6 +38,7 @@ from distill3r.config import LossParams
 from distill3r.models.activations import point_norm
 
 _MIN_SCALE = 1e-6
+_MIN_RELATIVE = 0.05  # "relative" distance: pixels nearer than 5% of their view's mean distance
 _FMAX = torch.finfo(torch.float32).max
 _KEYS_PRED = ("xyz_global", "xyz_local", "conf_global", "conf_local")
 
@@ -48,19 +52,34 @@ def _masked_view_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor
     return (per_view * has).sum() / has.sum().clamp_min(1)
 
 
+def _mean_norm(xyz: torch.Tensor, v: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Mean distance to the origin over the valid pixels (``v`` 0/1 ``[B,N,H,W]``) of ``dims``."""
+    count = v.sum(dim=dims, keepdim=True).clamp_min(1)
+    return ((point_norm(xyz).squeeze(-1) * v).sum(dim=dims, keepdim=True) / count).clamp_min(_MIN_SCALE)
+
+
 def _geometric(pred: torch.Tensor, targ: torch.Tensor, valid: torch.Tensor,
-               weight: torch.Tensor, per_sample: bool, squared: bool) -> torch.Tensor:
-    """Scale-normalised weighted point error (squared or Euclidean); ``per_sample``: one scale
-    per sample (global) instead of per view (local)."""
+               weight: torch.Tensor, per_sample: bool, squared: bool,
+               divisor: torch.Tensor | None = None) -> torch.Tensor:
+    """Scale-normalised weighted point error (squared or Euclidean, divided per pixel by
+    ``divisor`` ``[B,N,H,W]`` when given); ``per_sample``: one scale per sample (global)
+    instead of per view (local)."""
     dims = (1, 2, 3) if per_sample else (2, 3)
     v = valid.to(pred.dtype)
-    count = v.sum(dim=dims, keepdim=True).clamp_min(1)
-    s_pred = ((point_norm(pred).squeeze(-1) * v).sum(dim=dims, keepdim=True) / count).clamp_min(_MIN_SCALE)
-    s_targ = ((point_norm(targ).squeeze(-1) * v).sum(dim=dims, keepdim=True) / count).clamp_min(_MIN_SCALE)
+    s_pred, s_targ = _mean_norm(pred, v, dims), _mean_norm(targ, v, dims)
     diff = pred / s_pred[..., None] - targ / s_targ[..., None]
     # vector_norm's gradient at a zero difference is 0, not NaN
     dist = (diff * diff).sum(-1) if squared else torch.linalg.vector_norm(diff, dim=-1)
+    if divisor is not None:
+        dist = dist / divisor
     return _masked_view_mean(weight * dist, valid)
+
+
+def _camera_distance(t_local: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[B,N,H,W]``: each pixel's distance to its own camera over its view's mean distance
+    (teacher's local map), at least ``_MIN_RELATIVE``."""
+    v = valid.to(t_local.dtype)
+    return (point_norm(t_local).squeeze(-1) / _mean_norm(t_local, v, (2, 3))).clamp_min(_MIN_RELATIVE)
 
 
 def _log_conf(conf: torch.Tensor) -> torch.Tensor:
@@ -91,6 +110,10 @@ class DistillationLoss(nn.Module):
             valid = target["mask"].bool()
             vp = valid[..., None]
             terms = {}
+            divisor = None
+            if self.params.distance == "relative":
+                divisor = _camera_distance(
+                    torch.where(vp, target["xyz_local"].float(), 0.0), valid)
             for head in ("global", "local"):
                 p_xyz = torch.where(vp, pred[f"xyz_{head}"].float(), 0.0)
                 t_xyz = torch.where(vp, target[f"xyz_{head}"].float(), 0.0)
@@ -99,7 +122,7 @@ class DistillationLoss(nn.Module):
                 weight = self._weight(t_conf, p_conf)
                 terms[f"loss_{head}"] = _geometric(
                     p_xyz, t_xyz, valid, weight, per_sample=head == "global",
-                    squared=self.params.distance == "squared")
+                    squared=self.params.distance == "squared", divisor=divisor)
                 err = (_log_conf(p_conf) - _log_conf(t_conf)).abs()
                 terms[f"loss_conf_{head}"] = _masked_view_mean(err, valid)
             terms["loss_conf"] = 0.5 * (terms["loss_conf_global"] + terms["loss_conf_local"])

@@ -168,7 +168,7 @@ def test_rejects_bad_inputs_and_params():
         DistillationLoss(LossParams(weighting="teacherr"))
 
 
-@pytest.mark.parametrize("distance", ["euclidean", "squared"])
+@pytest.mark.parametrize("distance", ["euclidean", "squared", "relative"])
 def test_distance_is_the_per_pixel_error_norm(distance):
     # one view, all pixels valid, weight 1 (weighting none), prediction offset by a constant
     # vector in normalised units: the geometric term is |d| or |d|^2 exactly
@@ -183,9 +183,34 @@ def test_distance_is_the_per_pixel_error_norm(distance):
     s_pred = torch.linalg.vector_norm(pred["xyz_local"].detach(), dim=-1).mean()
     diff = pred["xyz_local"].detach() / s_pred - target["xyz_local"] / s
     err = torch.linalg.vector_norm(diff, dim=-1)
-    want = (err if distance == "euclidean" else err * err).mean()
+    per_pixel = {"euclidean": err, "squared": err * err,
+                 "relative": err / (torch.linalg.vector_norm(target["xyz_local"], dim=-1) / s)}
+    want = per_pixel[distance].mean()
     assert d["loss_local"].item() == pytest.approx(want.item(), rel=1e-5)
     assert d["loss_local"].item() > 0.01
+
+
+def test_relative_distance_counts_near_pixels_more_for_both_heads():
+    """``relative``: the same normalised error costs more on a pixel near its camera than on a
+    far one, in the global term too (divided by the pixel's local-map distance)."""
+    target = {k: v[:1, :1].clone() for k, v in _target().items()}
+    target["mask"] = torch.ones_like(target["mask"])
+    dist = torch.linalg.vector_norm(target["xyz_local"][0, 0], dim=-1)
+    near, far = divmod(int(dist.argmin()), dist.shape[1]), divmod(int(dist.argmax()), dist.shape[1])
+    losses = {}
+    for name, (y, x) in (("near", near), ("far", far)):
+        for distance in ("euclidean", "relative"):
+            pred = _pred_from(target)
+            for key in ("xyz_global", "xyz_local"):
+                moved = pred[key].clone()
+                moved[0, 0, y, x] += 0.05 * dist.mean()
+                pred[key] = moved
+            _, d = DistillationLoss(LossParams(weighting="none", distance=distance))(pred, target)
+            losses[name, distance] = d
+    for head in ("loss_global", "loss_local"):
+        ratio = {n: losses[n, "relative"][head] / losses[n, "euclidean"][head]
+                 for n in ("near", "far")}
+        assert ratio["near"] > 1.5 * ratio["far"], (head, ratio)
 
 
 def test_euclidean_distance_has_finite_gradient_at_the_target():
