@@ -78,8 +78,10 @@ def decoder_flops(cfg: StudentConfig, batch: int, views: int, height: int, width
     return batch * (proj + blocks * block)
 
 
-def dpt_head_flops(cfg: StudentConfig, views: int, height: int, width: int) -> int:
-    """One DPT head over ``views`` views (the heads are identical)."""
+def dpt_head_flops(cfg: StudentConfig, views: int, height: int, width: int,
+                   image: bool = True) -> int:
+    """One DPT head over ``views`` views; ``image``: with the config's image branch, if any
+    (the local head has it; the global head too unless ``dpt_image_heads`` is ``"local"``)."""
     h, w = height // cfg.patch_size, width // cfg.patch_size
     d0, d1, d2, d3 = cfg.dpt_layer_dims
     feat, last = cfg.dpt_feature_dim, cfg.dpt_last_dim
@@ -93,7 +95,7 @@ def dpt_head_flops(cfg: StudentConfig, views: int, height: int, width: int) -> i
     targets = [(8 * h) * (8 * w)] + sizes[:3]  # fusion block k resizes to targets[k]
     for size, target in zip(sizes, targets):
         flops += 4 * _conv(size, feat, feat, 3) + _conv(target, feat, feat, 1)
-    d, blocks = cfg.dpt_image_dim, cfg.dpt_image_blocks
+    d, blocks = (cfg.dpt_image_dim, cfg.dpt_image_blocks) if image else (0, 0)
     if d and not blocks:  # image branch: convs at 8h x 8w and 4h x 4w, two projections
         flops += _conv(64 * h * w, 3, d, 3) + _conv(16 * h * w, d, 2 * d, 3)
         flops += _conv(16 * h * w, 2 * d, feat, 1) + _conv(64 * h * w, d, feat, 1)
@@ -119,11 +121,13 @@ def forward_flops(cfg: StudentConfig, views: int, height: int, width: int,
         raise ValueError(f"image size {height}x{width} is not a positive multiple of the "
                          f"patch size {cfg.patch_size} of model {cfg.name!r}")
     local = dpt_head_flops(cfg, batch * views, height, width)
+    both = cfg.dpt_image_heads == "both"
     pose = batch * views * (_linear(1, cfg.dec_dim, cfg.dec_dim) + _linear(1, cfg.dec_dim, 10))
     parts = {
         "encoder": encoder_flops(cfg, batch * views, height, width),
         "decoder": decoder_flops(cfg, batch, views, height, width),
-        "heads": local + (local if cfg.global_head == "dpt" else pose),
+        "heads": local + (dpt_head_flops(cfg, batch * views, height, width, image=both)
+                          if cfg.global_head == "dpt" else pose),
     }
     parts["total"] = sum(parts.values())
     return parts

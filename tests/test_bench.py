@@ -35,6 +35,7 @@ def _counted_flops(name: str, batch: int, views: int, height: int, width: int) -
     ("tiny-conv", 1, 2, 56, 70),  # a convolutional patch stem
     ("tiny-skip", 2, 2, 42, 70),  # DPT heads with an image branch
     ("tiny-pyramid", 1, 3, 42, 70),  # the image branch as a conv pyramid, odd grid
+    ("tiny-pyramid-local", 1, 2, 42, 56),  # ... in the local head only
 ])
 def test_analytic_flops_match_flop_counter(name, batch, views, height, width):
     counted = _counted_flops(name, batch, views, height, width)

@@ -253,7 +253,8 @@ def test_xyz_activation_is_safe_at_zero():
 
 def test_config_registry_and_strict_round_trip():
     assert set(MODEL_CONFIGS) == {"paper", "tiny", "tiny-lite", "tiny-fine", "tiny-pose",
-                                  "tiny-conv", "tiny-skip", "tiny-hybrid", "tiny-pyramid", "micro",
+                                  "tiny-conv", "tiny-skip", "tiny-hybrid", "tiny-pyramid",
+                                  "tiny-pyramid-local", "micro",
                                   "fast3r-large"}
     for name in MODEL_CONFIGS:
         cfg = get_config(name)
@@ -390,6 +391,8 @@ def test_pose_head_streamed_views_match_the_batched_forward():
 
 
 def _image_projections(head) -> list[torch.nn.Conv2d]:
+    if not head.image_dim:
+        return []
     extra = list(head.image_to_coarse) if head.image_blocks else []
     return [head.image_to_path, head.image_to_level, *extra]
 
@@ -464,6 +467,28 @@ def test_image_pyramid_streams_odd_and_one_column_grids_and_round_trips(tmp_path
     assert loaded.config == model.config
     with torch.no_grad():
         torch.testing.assert_close(loaded(x)["xyz_local"], model(x)["xyz_local"])
+
+
+def test_image_pyramid_in_the_local_head_only():
+    """``tiny-pyramid-local``: the global head is ``tiny-conv``'s (no image branch, so the pixels
+    reach it only through the tokens), the local head has the pyramid."""
+    model = _skip_student("tiny-pyramid-local")
+    conv = build_student("tiny-conv")
+    assert count_parameters(model)["head_global"] == count_parameters(conv)["head_global"]
+    assert _image_projections(model.head_global) == []
+    assert len(_image_projections(model.head_local)) == 4
+    tokens = [torch.randn(2, 2 * 4, 192) for _ in range(4)]
+    a, b = _images(1, 2, 28, 56, seed=1)[0], _images(1, 2, 28, 56, seed=2)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(model.head_global(tokens, (2, 4), (28, 56), a),
+                                   model.head_global(tokens, (2, 4), (28, 56), b))
+        moved = model.head_local(tokens, (2, 4), (28, 56), a) - model.head_local(
+            tokens, (2, 4), (28, 56), b)
+    assert moved.abs().max() > 1e-3
+    _assert_streamed_matches_batched(model, 4, 28, 28, view_chunk=3,
+                                     keys=("xyz_global", "xyz_local", "conf_local"), seed=6)
+    with pytest.raises(ValueError, match="unknown dpt_image_heads 'global'"):
+        dataclasses.replace(get_config("tiny-pyramid"), dpt_image_heads="global")
 
 
 def test_image_pyramid_needs_an_image_branch():

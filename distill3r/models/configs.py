@@ -39,6 +39,9 @@ Named variants (``MODEL_CONFIGS`` / :func:`get_config`):
   fusion grid's finest size, two residual conv units each, feeding the finest three DPT levels
   and the output path; the role of DPT-Hybrid's ResNet stages), so the heads get image features
   with a receptive field of whole objects (7.5M parameters, about 1.4x ``tiny-hybrid``'s step).
+- ``tiny-pyramid-local``: ``tiny-pyramid`` with the pyramid in the local head only
+  (``dpt_image_heads: local``); the global head is ``tiny-conv``'s and sees the image only
+  through the tokens (6.6M parameters).
 - ``micro``: a ~1.7M model with the same structure (width 96, 4 encoder and 3 decoder blocks,
   narrower DPT heads): the student of the learned-teacher study (``studies/distill``), whose
   teacher is a ``tiny``.
@@ -58,6 +61,7 @@ from distill3r.config import from_dict as _strict_from_dict
 XYZ_ACTIVATIONS = ("exp", "linear")
 CONF_ACTIVATIONS = ("expp1",)
 GLOBAL_HEADS = ("dpt", "pose")
+IMAGE_HEADS = ("both", "local")
 
 
 @dataclass
@@ -95,6 +99,7 @@ class StudentConfig:
     # > 0 (with dpt_image_dim): that image branch is a 4-stage conv pyramid with this many
     # residual conv units per stage (models.dpt)
     dpt_image_blocks: int = 0
+    dpt_image_heads: str = "both"  # which DPT heads have the image branch: "both" | "local"
     global_head: str = "dpt"  # "dpt" (a second DPT head) | "pose" (models.pose_head)
     xyz_activation: str = "exp"
     conf_activation: str = "expp1"
@@ -128,6 +133,9 @@ class StudentConfig:
         if self.dpt_image_blocks and not self.dpt_image_dim:
             raise ValueError(f"{where}: dpt_image_blocks > 0 needs an image branch "
                              f"(dpt_image_dim > 0)")
+        if self.dpt_image_heads not in IMAGE_HEADS:
+            raise ValueError(f"{where}: unknown dpt_image_heads {self.dpt_image_heads!r}; "
+                             f"choose from {IMAGE_HEADS}")
         if self.enc_stem_dim < 0:
             raise ValueError(f"{where}: enc_stem_dim must be >= 0, got {self.enc_stem_dim}")
         if self.enc_stem_dim and self.patch_size % 2:
@@ -207,6 +215,10 @@ def _tiny_pyramid() -> StudentConfig:
     return dataclasses.replace(_tiny_hybrid(), name="tiny-pyramid", dpt_image_blocks=2)
 
 
+def _tiny_pyramid_local() -> StudentConfig:
+    return dataclasses.replace(_tiny_pyramid(), name="tiny-pyramid-local", dpt_image_heads="local")
+
+
 def _micro() -> StudentConfig:
     return StudentConfig(
         name="micro", patch_size=14, img_size=112,
@@ -228,6 +240,7 @@ def _fast3r_large() -> StudentConfig:
 _FACTORIES = {"paper": _paper, "tiny": _tiny, "tiny-lite": _tiny_lite, "tiny-fine": _tiny_fine,
               "tiny-pose": _tiny_pose, "tiny-conv": _tiny_conv,
               "tiny-skip": _tiny_skip, "tiny-hybrid": _tiny_hybrid, "tiny-pyramid": _tiny_pyramid,
+              "tiny-pyramid-local": _tiny_pyramid_local,
               "micro": _micro,
               "fast3r-large": _fast3r_large}
 MODEL_CONFIGS: dict[str, StudentConfig] = {name: make() for name, make in _FACTORIES.items()}

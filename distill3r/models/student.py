@@ -52,10 +52,12 @@ class Student(nn.Module):
                                      config.dec_heads, config.dec_mlp_ratio, config.max_views)
         in_dims = [config.enc_dim if k == 0 else config.dec_dim for k in config.hooks]
         head_args = (in_dims, list(config.dpt_layer_dims), config.dpt_feature_dim,
-                     config.dpt_last_dim, 4, config.dpt_image_dim, config.dpt_image_blocks)
-        self.head_global = (DPTHead(*head_args) if config.global_head == "dpt"
+                     config.dpt_last_dim, 4)
+        image = (config.dpt_image_dim, config.dpt_image_blocks)
+        global_image = image if config.dpt_image_heads == "both" else (0, 0)
+        self.head_global = (DPTHead(*head_args, *global_image) if config.global_head == "dpt"
                             else PoseHead(config.dec_dim))
-        self.head_local = DPTHead(*head_args)
+        self.head_local = DPTHead(*head_args, *image)
         self.xyz_act = get_activation("xyz", config.xyz_activation)
         self.conf_act = get_activation("conf", config.conf_activation)
 
