@@ -35,13 +35,15 @@ Named variants (``MODEL_CONFIGS`` / :func:`get_config`):
   demo's student: on the demo it matched or beat ``tiny-lite`` on every figure (README
   "Results").
 - ``tiny-pyramid``: ``tiny-hybrid`` whose image branch is a small convolutional pyramid
-  (``dpt_image_blocks`` 2: stages of width 16, 32, 64, 128 at 1/8, 1/4, 1/2 and 1x the
-  fusion grid's finest size, two residual conv units each, feeding the finest three DPT levels
-  and the output path; the role of DPT-Hybrid's ResNet stages), so the heads get image features
-  with a receptive field of whole objects (7.5M parameters, about 1.4x ``tiny-hybrid``'s step).
+  (``dpt_image_blocks`` 2: stages of width 16, 32, 64, 128 at the finest fusion size and 1/2,
+  1/4, 1/8 of it, two residual conv units each, feeding the output path and the three finest
+  DPT levels; the role of DPT-Hybrid's ResNet stages), so the heads get image features with a
+  receptive field of whole objects (7.5M parameters, about 1.4x ``tiny-hybrid``'s step). On the
+  demo: better depth, much worse poses (README "Results").
 - ``tiny-pyramid-local``: ``tiny-pyramid`` with the pyramid in the local head only
   (``dpt_image_heads: local``); the global head is ``tiny-conv``'s and sees the image only
-  through the tokens (6.6M parameters).
+  through the tokens (6.6M parameters, about 1.15x ``tiny-hybrid``'s step). On the demo: the
+  best depth and dense geometry, poses below ``tiny-hybrid``'s.
 - ``micro``: a ~1.7M model with the same structure (width 96, 4 encoder and 3 decoder blocks,
   narrower DPT heads): the student of the learned-teacher study (``studies/distill``), whose
   teacher is a ``tiny``.
