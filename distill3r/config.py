@@ -227,7 +227,7 @@ class MergeParams:
 class ModelParams:
     """The student: a named configuration plus run-time options."""
 
-    name: ModelName = "tiny-hybrid"
+    name: ModelName = "tiny-pyramid-local"
     encoder_weights: Optional[str] = None  # DUNE checkpoint path, or null for random init
     head_chunk_size: int = 8  # views per DPT-head chunk (bounds memory at many views)
     merge: MergeParams = field(default_factory=MergeParams)  # inference only

@@ -31,9 +31,8 @@ Named variants (``MODEL_CONFIGS`` / :func:`get_config`):
   image branch of :class:`distill3r.models.dpt.DPTHead`): object outlines at the heads' finest
   levels instead of only what an 8x8 token grid carries.
 - ``tiny-hybrid``: ``tiny-lite`` with both: the convolutional stem of ``tiny-conv`` and the
-  image branch of ``tiny-skip`` (5.7M parameters, about 1.2x ``tiny-lite``'s step time). The CPU
-  demo's student: on the demo it matched or beat ``tiny-lite`` on every figure (README
-  "Results").
+  image branch of ``tiny-skip`` (5.7M parameters, about 1.2x ``tiny-lite``'s step time). On the
+  demo it matched or beat ``tiny-lite`` on every figure (README "Results").
 - ``tiny-pyramid``: ``tiny-hybrid`` whose image branch is a small convolutional pyramid
   (``dpt_image_blocks`` 2: stages of width 16, 32, 64, 128 at the finest fusion size and 1/2,
   1/4, 1/8 of it, two residual conv units each, feeding the output path and the three finest
@@ -42,8 +41,9 @@ Named variants (``MODEL_CONFIGS`` / :func:`get_config`):
   demo: better depth, much worse poses (README "Results").
 - ``tiny-pyramid-local``: ``tiny-pyramid`` with the pyramid in the local head only
   (``dpt_image_heads: local``); the global head is ``tiny-conv``'s and sees the image only
-  through the tokens (6.6M parameters, about 1.15x ``tiny-hybrid``'s step). On the demo: the
-  best depth and dense geometry, poses below ``tiny-hybrid``'s.
+  through the tokens (6.6M parameters, about 1.15x ``tiny-hybrid``'s step). The CPU demo's
+  student: on the demo (two seeds each) better depth and dense geometry than ``tiny-hybrid``,
+  poses within the run-to-run spread (README "Results").
 - ``micro``: a ~1.7M model with the same structure (width 96, 4 encoder and 3 decoder blocks,
   narrower DPT heads): the student of the learned-teacher study (``studies/distill``), whose
   teacher is a ``tiny``.
