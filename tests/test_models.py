@@ -390,20 +390,13 @@ def test_pose_head_streamed_views_match_the_batched_forward():
                                      keys=("xyz_global",), seed=2)
 
 
-def _image_projections(head) -> list[torch.nn.Conv2d]:
-    if not head.image_dim:
-        return []
-    extra = list(head.image_to_coarse) if head.image_blocks else []
-    return [head.image_to_path, head.image_to_level, *extra]
-
-
 def _skip_student(name: str = "tiny-skip") -> Student:
     """A ``name`` student whose image branches are switched on (their projections start at 0)."""
     torch.manual_seed(0)
     model = build_student(name, head_chunk_size=3).eval()
     with torch.no_grad():
         for head in (model.head_global, model.head_local):
-            for conv in _image_projections(head):
+            for conv in head.image_projections():
                 conv.weight.normal_(0.0, 0.3)
     return model
 
@@ -437,7 +430,7 @@ def test_image_pyramid_reaches_the_output_through_each_of_its_four_stages():
     assert dataclasses.replace(pyramid, name="tiny-hybrid", dpt_image_blocks=0) == hybrid
     torch.manual_seed(0)
     head = build_student("tiny-pyramid").eval().head_local
-    projections = _image_projections(head)
+    projections = head.image_projections()
     assert [p.in_channels for p in projections] == [16, 32, 64, 128]
     assert all(float(p.weight.abs().sum()) == 0 for p in projections)
     tokens = [torch.randn(2, 3 * 5, 192) for _ in range(4)]
@@ -475,8 +468,8 @@ def test_image_pyramid_in_the_local_head_only():
     model = _skip_student("tiny-pyramid-local")
     conv = build_student("tiny-conv")
     assert count_parameters(model)["head_global"] == count_parameters(conv)["head_global"]
-    assert _image_projections(model.head_global) == []
-    assert len(_image_projections(model.head_local)) == 4
+    assert model.head_global.image_projections() == []
+    assert len(model.head_local.image_projections()) == 4
     tokens = [torch.randn(2, 2 * 4, 192) for _ in range(4)]
     a, b = _images(1, 2, 28, 56, seed=1)[0], _images(1, 2, 28, 56, seed=2)[0]
     with torch.no_grad():

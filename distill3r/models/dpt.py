@@ -101,7 +101,6 @@ class DPTHead(nn.Module):
             self.image_conv2 = nn.Conv2d(d, 2 * d, 3, stride=2, padding=1)
             self.image_to_level = nn.Conv2d(2 * d, feature_dim, 1)
             self.image_to_path = nn.Conv2d(d, feature_dim, 1)
-            projections = [self.image_to_level, self.image_to_path]
             if self.image_blocks:
                 self.image_units = nn.ModuleList(
                     nn.Sequential(*(ResidualConvUnit(d << k) for _ in range(self.image_blocks)))
@@ -110,8 +109,7 @@ class DPTHead(nn.Module):
                     StrideTwoConv(d << k, d << (k + 1)) for k in (1, 2))
                 self.image_to_coarse = nn.ModuleList(
                     nn.Conv2d(d << k, feature_dim, 1) for k in (2, 3))
-                projections += list(self.image_to_coarse)
-            for conv in projections:
+            for conv in self.image_projections():
                 nn.init.zeros_(conv.weight)
                 nn.init.zeros_(conv.bias)
         self.project = nn.ModuleList(nn.Conv2d(c, d, 1) for c, d in zip(in_dims, layer_dims))
@@ -158,6 +156,15 @@ class DPTHead(nn.Module):
         out = F.relu(self.out_conv2(out), inplace=True)
         return self.out_conv3(out)
 
+    def image_projections(self) -> list[nn.Conv2d]:
+        """The image branch's zero-initialised 1x1 projections, in the order of
+        :meth:`_image_features`' additions (path, level 0, then levels 1 and 2 with
+        ``image_blocks``); empty without an image branch."""
+        if not self.image_dim:
+            return []
+        coarse = list(self.image_to_coarse) if self.image_blocks else []
+        return [self.image_to_path, self.image_to_level, *coarse]
+
     def _image_features(self, images: torch.Tensor | None, grid: tuple[int, int]
                         ) -> list[torch.Tensor]:
         """The image branch's additions ``[V,F,.,.]``: to the path after the finest fusion block
@@ -171,11 +178,10 @@ class DPTHead(nn.Module):
                           align_corners=False, antialias=True)
         fine = F.relu(self.image_conv1(x))
         if not self.image_blocks:
-            coarse = F.relu(self.image_conv2(fine))
-            return [self.image_to_path(fine), self.image_to_level(coarse)]
+            stages = [fine, F.relu(self.image_conv2(fine))]
+            return [project(x) for project, x in zip(self.image_projections(), stages)]
         fine = self.image_units[0](fine)
         stages = [fine, self.image_units[1](self.image_conv2(F.relu(fine)))]
         for down, units in zip(self.image_down, self.image_units[2:]):
             stages.append(units(down(F.relu(stages[-1]))))
-        projections = [self.image_to_path, self.image_to_level, *self.image_to_coarse]
-        return [project(F.relu(x)) for project, x in zip(projections, stages)]
+        return [project(F.relu(x)) for project, x in zip(self.image_projections(), stages)]
