@@ -3,8 +3,8 @@
 Tokens of each view are projected (Linear enc_dim -> dec_dim), tagged with a fixed 1-D sin-cos
 image-index embedding (table ``max_views x dec_dim``) added to every token of the view, then
 concatenated over views (``[B, N*P, D]``) and passed through pre-norm transformer blocks with
-global attention (``scaled_dot_product_attention``; no RoPE), then a final LayerNorm on the
-last block's output.
+global attention (:func:`~distill3r.models.attention.attend`; no RoPE), then a final LayerNorm
+on the last block's output.
 
 Image indices: view 0 always gets index 0. In eval mode view i gets index i (deterministic)
 while ``N <= max_views``; beyond the table (``N > T = max_views``) view i >= 1 gets
@@ -27,9 +27,9 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from distill3r.models.attention import attend
 from distill3r.models.merge import TokenMerge, merged_block_
 
 
@@ -71,7 +71,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, length, dim = x.shape
         qkv = self.qkv(x).view(b, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        out = attend(qkv[0], qkv[1], qkv[2])
         return self.proj(out.transpose(1, 2).reshape(b, length, dim))
 
 

@@ -3,7 +3,9 @@
 For the ``paper`` config this is the ``vit_small_patch14_reg4_dinov2`` layout at 448 px
 (32x32 learned position grid, 4 registers, ``no_embed_class``, LayerScale, qkv bias), so DUNE
 weights load into ``Encoder.vit`` after :func:`distill3r.models.dune.dune_to_timm`. Inputs are
-RGB in [0, 1]; ImageNet mean/std normalisation happens here.
+RGB in [0, 1]; ImageNet mean/std normalisation happens here. The blocks' attention kernel
+follows :func:`distill3r.models.attention.use_plain` (timm's plain path for short sequences on
+the CPU, its fused SDPA call otherwise).
 
 Position table resizing follows DUNE exactly (it uses DINOv2's ``interpolate_pos_encoding``,
 facebookresearch/dinov2 ``dinov2/models/vision_transformer.py``, with ``interpolate_offset=0.1``
@@ -24,6 +26,7 @@ from torch import nn
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer
 
+from distill3r.models.attention import use_plain
 from distill3r.models.configs import StudentConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -104,6 +107,11 @@ class Encoder(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        p = self.patch_size
+        keys = (images.shape[-2] // p) * (images.shape[-1] // p) + self.vit.num_prefix_tokens
+        fused = not use_plain(images.device, keys)
+        for block in self.vit.blocks:  # timm's Attention reads the flag at every call
+            block.attn.fused_attn = fused
         x = (images - self.mean) / self.std
         tokens = self.vit.forward_features(x)
         return tokens[:, self.vit.num_prefix_tokens:]

@@ -12,10 +12,11 @@ one scene's ``L = N*P`` tokens ``x [L, D]``:
    the ``round(ratio * (N - keep_views) * P)`` best-scoring sources are merged: their
    destination's ``h`` becomes the mean of itself and the sources merged into it. The reduced
    set is ``[kept, destinations, unmerged sources]``, ``L' = L - merged``.
-3. Attention (qkv, ``scaled_dot_product_attention`` over the ``L'`` keys, output projection)
-   runs on the reduced set; every original token gets the output of the reduced token it was
-   merged into (itself when unmerged), added to its own residual stream. The residual stream
-   and the MLP are never merged, so every token keeps its identity between blocks.
+3. Attention (qkv, :func:`~distill3r.models.attention.attend` over the ``L'`` keys, output
+   projection) runs on the reduced set; every original token gets the output of the reduced
+   token it was merged into (itself when unmerged), added to its own residual stream. The
+   residual stream and the MLP are never merged, so every token keeps its identity between
+   blocks.
 
 Attention cost drops by about ``(1 - ratio)^2``; the similarity search adds
 ``2 * sources * destinations * D`` FLOPs per block. Ratio 0 (or merging off) takes the plain
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from distill3r.models.attention import attend
 
 DST_EVERY = 4  # every 4th token of a non-kept view is a destination: ratio <= 0.75
 MAX_RATIO = 1.0 - 1.0 / DST_EVERY
@@ -143,7 +146,7 @@ def merged_block_(block, x: torch.Tensor, views: int, tokens_per_view: int, merg
         v[0, :, start:stop] = kv[:, 1].transpose(0, 1)
     for start, stop in _chunks(plan.reduced, token_chunk):  # h's rows become attention outputs
         q = F.linear(h[start:stop], w[:dim], b[:dim]).view(stop - start, heads, -1)
-        att = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v)[0].transpose(0, 1)
+        att = attend(q.transpose(0, 1)[None], k, v)[0].transpose(0, 1)
         h[start:stop] = block.attn.proj(att.reshape(stop - start, dim))
     del k, v
     for start, stop in _chunks(length, token_chunk):

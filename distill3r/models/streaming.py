@@ -7,8 +7,8 @@ view chunk at a time instead of returning them:
 1. the encoder runs on ``view_chunk`` views at a time; its output tokens (hook 0) are kept;
 2. the fusion decoder keeps, for all ``N*P`` tokens, only its running state, the hooked block
    outputs and, inside each block, the attention keys and values. Everything else (LayerNorms,
-   queries, attention over all keys (``scaled_dot_product_attention``), the output projection,
-   the MLP) runs on ``token_chunk`` tokens at a time: a chunk's queries are computed from its
+   queries, attention over all keys (:func:`~distill3r.models.attention.attend`), the output
+   projection, the MLP) runs on ``token_chunk`` tokens at a time: a chunk's queries are computed from its
    tokens before they are updated, so the block's result is the same as over all tokens.
    With ``model.decoder.merge`` set, each block runs
    :func:`distill3r.models.merge.merged_block_` instead (token merging, same chunking); image
@@ -25,7 +25,8 @@ view, plus the model and one chunk's activations.
 Attention memory: on CUDA, SDPA picks its flash or memory-efficient kernel; on the CPU torch
 2.14 runs its flash kernel (no mask, no dropout) whose buffers are per-thread blocks: a
 4096-query chunk against 65,536 keys allocates ~5 MB (measured peak RSS), where the plain
-``softmax(QK^T)V`` would need 3.2 GB.
+``softmax(QK^T)V`` would need 3.2 GB (:func:`~distill3r.models.attention.attend` uses the plain
+form only up to 256 keys).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from distill3r.devices import autocast
+from distill3r.models.attention import attend
 from distill3r.models.decoder import Block, FusionDecoder, eval_view_indices
 from distill3r.models.inputs import images_to_input
 from distill3r.models.merge import merged_block_
@@ -92,7 +94,7 @@ def _block_inplace(block: Block, x: torch.Tensor, token_chunk: int) -> None:
         chunk = x[start:stop]
         q = F.linear(block.norm1(chunk), w[:dim], b[:dim])
         q = q.view(stop - start, heads, dim // heads).transpose(0, 1)[None]
-        att = F.scaled_dot_product_attention(q, k, v)[0].transpose(0, 1)
+        att = attend(q, k, v)[0].transpose(0, 1)
         chunk += block.attn.proj(att.reshape(stop - start, dim))
         chunk += block.mlp(block.norm2(chunk))
         del q, att
