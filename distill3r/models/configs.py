@@ -44,6 +44,9 @@ Named variants (``MODEL_CONFIGS`` / :func:`get_config`):
   through the tokens (6.6M parameters, about 1.15x ``tiny-hybrid``'s step). The CPU demo's
   student: on the demo (two seeds each) better depth and dense geometry than ``tiny-hybrid``,
   poses within the run-to-run spread (README "Results").
+- ``tiny-deep``: ``tiny-pyramid-local`` with a 6-block fusion decoder whose blocks 3, 4 and 6
+  feed the heads, as in ``paper`` (7.5M parameters): more capacity where the views are placed
+  relative to each other, at little cost (the decoder runs on 64 tokens per view).
 - ``micro``: a ~1.7M model with the same structure (width 96, 4 encoder and 3 decoder blocks,
   narrower DPT heads): the student of the learned-teacher study (``studies/distill``), whose
   teacher is a ``tiny``.
@@ -221,6 +224,11 @@ def _tiny_pyramid_local() -> StudentConfig:
     return dataclasses.replace(_tiny_pyramid(), name="tiny-pyramid-local", dpt_image_heads="local")
 
 
+def _tiny_deep() -> StudentConfig:
+    return dataclasses.replace(_tiny_pyramid_local(), name="tiny-deep", dec_depth=6,
+                               hooks=[0, 3, 4, 6])
+
+
 def _micro() -> StudentConfig:
     return StudentConfig(
         name="micro", patch_size=14, img_size=112,
@@ -242,7 +250,7 @@ def _fast3r_large() -> StudentConfig:
 _FACTORIES = {"paper": _paper, "tiny": _tiny, "tiny-lite": _tiny_lite, "tiny-fine": _tiny_fine,
               "tiny-pose": _tiny_pose, "tiny-conv": _tiny_conv,
               "tiny-skip": _tiny_skip, "tiny-hybrid": _tiny_hybrid, "tiny-pyramid": _tiny_pyramid,
-              "tiny-pyramid-local": _tiny_pyramid_local,
+              "tiny-pyramid-local": _tiny_pyramid_local, "tiny-deep": _tiny_deep,
               "micro": _micro,
               "fast3r-large": _fast3r_large}
 MODEL_CONFIGS: dict[str, StudentConfig] = {name: make() for name, make in _FACTORIES.items()}
