@@ -330,6 +330,7 @@ class EvalParams:
     max_points: int = 20000  # points per sample for the KD-tree metrics (deterministic subset)
     dtype: ComputeDtype = "bf16"  # autocast dtype where the device supports it (fp32: off)
     layout_prior_max_samples: Optional[int] = None  # train samples fitting the layout prior
+    workers: Optional[int] = None  # processes scoring samples; null: the cores, 1: in-process
 
     def validate(self, where: str = "eval") -> None:
         check_choices(self, where)
@@ -342,7 +343,9 @@ class EvalParams:
                   ("conf_percentile", 0 <= self.conf_percentile <= 100, "must be in [0, 100]"),
                   ("max_points", self.max_points >= 1, "must be >= 1"),
                   ("layout_prior_max_samples", self.layout_prior_max_samples is None
-                   or self.layout_prior_max_samples >= 1, "must be >= 1 or null")], self, where)
+                   or self.layout_prior_max_samples >= 1, "must be >= 1 or null"),
+                  ("workers", self.workers is None or self.workers >= 1,
+                   "must be >= 1 or null")], self, where)
 
 
 @dataclass

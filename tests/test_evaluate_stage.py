@@ -165,8 +165,9 @@ def test_deterministic_rerun_and_batching(world, tmp_path):
         assert report.pop("seconds_per_sample") > 0
         return report
 
-    one = run("fp32", dtype="fp32")
-    assert one == run("again", dtype="fp32")  # same order, same seeds, same numbers
+    one = run("fp32", dtype="fp32", workers=1)
+    assert one == run("again", dtype="fp32", workers=1)  # same order, seeds and numbers
+    assert one == run("pool", dtype="fp32", workers=2)  # scored in two worker processes
     assert one["dtype"] == "float32"
     two = run("fp32_b2", dtype="fp32", batch_size=2)
     assert two["student"]["chamfer"] == pytest.approx(one["student"]["chamfer"], rel=1e-3)

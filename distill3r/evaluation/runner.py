@@ -12,10 +12,12 @@ sample with :func:`distill3r.evaluation.protocol.evaluate_sample` in up to five 
 - ``student_vs_teacher``: student vs the teacher maps (agreement; every sample, also those
   without ground truth, which get only this one).
 The teacher is scored on its own valid pixels (``mask``; masked points are NaN), the student on
-all pixels. The report (``eval.json``) holds each block averaged over samples
-(:func:`aggregate_metrics`; ``num_samples`` per block, ``null`` where undefined), the same per
-dataset under ``per_dataset``, ``seconds_per_sample`` (model forward only), ``num_samples`` and
-the checkpoint fingerprint. Logging the report to MLflow is the stage's job
+all pixels. The model runs in this process; the scoring (numpy, SciPy, OpenCV) runs in
+``eval.workers`` processes (null: one per core), which changes no number. The report
+(``eval.json``) holds each block averaged over samples (:func:`aggregate_metrics`;
+``num_samples`` per block, ``null`` where undefined), the same per dataset under
+``per_dataset``, ``seconds_per_sample`` (model forward only), ``num_samples`` and the
+checkpoint fingerprint. Logging the report to MLflow is the stage's job
 (:func:`distill3r.tracking.log_report`): this module computes metrics only.
 """
 
@@ -23,7 +25,11 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing as mp
 import time
+from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -38,10 +44,13 @@ from distill3r.evaluation.baselines import fit_layout_prior, layout_baseline, pl
 from distill3r.evaluation.protocol import aggregate_metrics, evaluate_sample
 from distill3r.jsonio import write_json
 from distill3r.models import checkpoint_fingerprint, get_config, load_student
+from distill3r.runtime import available_cores
 
 log = logging.getLogger(__name__)
 
 GT_BLOCKS = ("student", "teacher", "baseline", "layout_prior")
+SCORE_KEYS = ("xyz_global", "xyz_local", "conf_global", "conf_local", "mask", "depth", "K",
+              "c2w")
 BLOCKS = ("student", "teacher", "student_vs_teacher", "baseline", "layout_prior")
 TABLE_COLUMNS = (("AbsRel", "depth_abs_rel"), ("delta1", "depth_delta1"),
                  ("Chamfer", "chamfer"), ("RRA@15", "pnp_rra_15"), ("mAA30", "pnp_maa_30"))
@@ -146,10 +155,16 @@ def predict_batch(model: torch.nn.Module, samples: list[dict], device: torch.dev
     return [{k: arrays[k][b] for k in keys} for b in range(len(samples))], seconds
 
 
+def score_inputs(sample: dict) -> dict[str, np.ndarray]:
+    """The arrays of a decoded sample that :func:`score_sample` reads, as numpy (what goes to
+    a scoring worker process)."""
+    return {k: np.asarray(sample[k]) for k in SCORE_KEYS if k in sample}
+
+
 def teacher_prediction(sample: dict) -> dict[str, np.ndarray]:
     """The cached teacher maps as a prediction; points outside its mask are NaN."""
-    mask = sample["mask"].numpy()
-    pred = {k: sample[k].numpy().astype(np.float64) for k in
+    mask = np.asarray(sample["mask"])
+    pred = {k: np.asarray(sample[k]).astype(np.float64) for k in
             ("xyz_global", "xyz_local", "conf_global", "conf_local")}
     for k in ("xyz_global", "xyz_local"):
         pred[k][~mask] = np.nan
@@ -158,17 +173,17 @@ def teacher_prediction(sample: dict) -> dict[str, np.ndarray]:
 
 def score_sample(sample: dict, student: dict[str, np.ndarray], prior: Optional[np.ndarray],
                  ep: EvalParams) -> dict[str, dict[str, float]]:
-    """``{block: metrics}`` of one sample (only ``student_vs_teacher`` without ground truth)."""
+    """``{block: metrics}`` of one sample (only ``student_vs_teacher`` without ground truth).
+    ``sample``: a decoded cache sample or its :func:`score_inputs`."""
     kw = {"conf_top_fraction": ep.conf_top_fraction, "pnp_reprojection_px":
           ep.pnp_reprojection_px, "max_points": ep.max_points, "seed": ep.seed,
           "conf_percentile": ep.conf_percentile}
-    teacher_ref = {"xyz_global": sample["xyz_global"].numpy(),
-                   "xyz_local": sample["xyz_local"].numpy(), "mask": sample["mask"].numpy(),
-                   "conf_local": sample["conf_local"].numpy()}
+    teacher_ref = {k: np.asarray(sample[k]) for k in
+                   ("xyz_global", "xyz_local", "mask", "conf_local")}
     scores = {"student_vs_teacher": evaluate_sample(student, teacher_ref, **kw)}
     if not all(k in sample for k in ("depth", "K", "c2w")):
         return scores
-    gt = {k: sample[k].numpy().astype(np.float64) for k in ("depth", "K", "c2w")}
+    gt = {k: np.asarray(sample[k]).astype(np.float64) for k in ("depth", "K", "c2w")}
     scores["student"] = evaluate_sample(student, gt, **kw)
     scores["teacher"] = evaluate_sample(teacher_prediction(sample), gt, **kw)
     scores["baseline"] = evaluate_sample(plane_baseline(gt["depth"], gt["K"]), gt, **kw)
@@ -176,6 +191,29 @@ def score_sample(sample: dict, student: dict[str, np.ndarray], prior: Optional[n
         scores["layout_prior"] = evaluate_sample(layout_baseline(prior, gt["depth"], gt["K"]),
                                                  gt, **kw)
     return scores
+
+
+def _score_job(job: tuple) -> dict[str, dict[str, float]]:
+    return score_sample(*job)
+
+
+def scored_in_order(jobs: Iterable[tuple], workers: int) -> Iterator[dict[str, dict[str, float]]]:
+    """:func:`score_sample` of every ``(inputs, student, prior, eval params)`` job, in the
+    jobs' order: in this process for ``workers == 1``, else in that many worker processes
+    (``spawn``: no torch or OpenMP state is forked), at most ``2 * workers`` jobs in flight so
+    memory stays bounded. Each sample's scores depend only on the sample and ``eval.seed``,
+    so the report is the same for any number of workers."""
+    if workers == 1:
+        yield from (score_sample(*job) for job in jobs)
+        return
+    pending: deque[Future] = deque()
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        for job in jobs:
+            pending.append(pool.submit(_score_job, job))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def summarise(scored: list[tuple[str, dict[str, dict[str, float]]]]) -> dict[str, Any]:
@@ -230,20 +268,27 @@ def run_evaluation(params: Params, checkpoint: str | Path, cache_dir: str | Path
     total = int(index["num_samples"])
     total = total if ep.max_samples is None else min(total, ep.max_samples)
     scored: list[tuple[str, dict[str, dict[str, float]]]] = []
-    forward_seconds = 0.0
-    with progress_bar(total=total, desc="evaluate", unit="sample", disable=not progress) as bar:
+    datasets: list[str] = []
+    forward_seconds = [0.0]
+
+    def jobs() -> Iterator[tuple]:
         for batch in val_batches(cache_dir / "val", ep.batch_size, ep.max_samples):
             preds, seconds = predict_batch(model, batch, device, dtype)
-            forward_seconds += seconds
+            forward_seconds[0] += seconds
             for sample, pred in zip(batch, preds):
-                dataset = str(sample["meta"].get("dataset", "unknown"))
-                scored.append((dataset, score_sample(sample, pred, prior, ep)))
-                bar.update()
+                datasets.append(str(sample["meta"].get("dataset", "unknown")))
+                yield score_inputs(sample), pred, prior, ep
+
+    workers = max(1, min(ep.workers or available_cores(), total))
+    with progress_bar(total=total, desc="evaluate", unit="sample", disable=not progress) as bar:
+        for scores in scored_in_order(jobs(), workers):
+            scored.append((datasets[len(scored)], scores))
+            bar.update()
     if not scored:
         raise ValueError(f"{cache_dir / 'val'}: the split's shards hold no samples")
     report = summarise(scored)
     report.update({
-        "seconds_per_sample": forward_seconds / len(scored), "num_samples": len(scored),
+        "seconds_per_sample": forward_seconds[0] / len(scored), "num_samples": len(scored),
         "num_samples_gt": sum("student" in s for _, s in scored),
         "layout_prior_train_views": prior_views, "checkpoint": checkpoint_fingerprint(checkpoint),
         "model": model.config.name, "device": str(device),
