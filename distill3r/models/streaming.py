@@ -8,8 +8,9 @@ view chunk at a time instead of returning them:
 2. the fusion decoder keeps, for all ``N*P`` tokens, only its running state, the hooked block
    outputs and, inside each block, the attention keys and values. Everything else (LayerNorms,
    queries, attention over all keys (:func:`~distill3r.models.attention.attend`), the output
-   projection, the MLP) runs on ``token_chunk`` tokens at a time: a chunk's queries are computed from its
-   tokens before they are updated, so the block's result is the same as over all tokens.
+   projection, the MLP) runs on ``token_chunk`` tokens at a time: a chunk's queries are
+   computed from its tokens before they are updated, so the block's result is the same as
+   over all tokens.
    With ``model.decoder.merge`` set, each block runs
    :func:`distill3r.models.merge.merged_block_` instead (token merging, same chunking); image
    indices follow :func:`distill3r.models.decoder.eval_view_indices` (any ``N``);
