@@ -47,8 +47,8 @@ Named variants (``MODEL_CONFIGS`` / :func:`get_config`):
 - ``tiny-deep``: ``tiny-pyramid-local`` with a 6-block fusion decoder whose blocks 3, 4 and 6
   feed the heads, as in ``paper`` (7.5M parameters): more capacity where the views are placed
   relative to each other, at little cost (the decoder runs on 64 tokens per view; 1.03x
-  ``tiny-pyramid-local``'s training time). On the demo (one seed) no clear gain: the same
-  validation loss, poses within the run-to-run spread (README "Results").
+  ``tiny-pyramid-local``'s training time). On the demo (two seeds): the same validation
+  loss, slightly better poses, a worse global-head map (README "Results").
 - ``micro``: a ~1.7M model with the same structure (width 96, 4 encoder and 3 decoder blocks,
   narrower DPT heads): the student of the learned-teacher study (``studies/distill``), whose
   teacher is a ``tiny``.
