@@ -207,3 +207,10 @@ def test_bad_input_errors(world, tmp_path, capsys, case, match):
                      "--cache", str(cache), "--out", str(out), "--no-progress"])
         assert code == 1
         assert "evaluate: error: " in capsys.readouterr().err
+
+
+def test_bad_worker_count_is_refused_before_any_work(world, tmp_path):
+    out = tmp_path / "eval.json"
+    with pytest.raises(ValueError, match=r"eval\.workers.*must be >= 1 or null"):
+        run_evaluation(_params(workers=0), world["student"], world["cache"], out, progress=False)
+    assert not out.exists()

@@ -97,7 +97,8 @@ def test_clone_pull_is_up_to_date_and_shows_the_run(tmp_path):
 
     client = MlflowClient(store)
     got = client.get_run(ref.run_id)
-    assert got.info.run_name == "train tiny-pyramid-local 2 steps" and got.info.status == "FINISHED"
+    assert got.info.run_name == "train tiny-pyramid-local 2 steps"
+    assert got.info.status == "FINISHED"
     assert "eval.student.chamfer" in got.data.metrics  # the evaluate stage's metrics too
     assert {x.path for x in client.list_artifacts(ref.run_id, "student")} == \
         {"student/model.safetensors", "student/config.json"}

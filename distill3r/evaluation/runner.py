@@ -193,18 +193,22 @@ def score_sample(sample: dict, student: dict[str, np.ndarray], prior: Optional[n
     return scores
 
 
-def _score_job(job: tuple) -> dict[str, dict[str, float]]:
-    return score_sample(*job)
+Scored = tuple[str, dict[str, dict[str, float]]]  # (dataset, {block: metrics})
 
 
-def scored_in_order(jobs: Iterable[tuple], workers: int) -> Iterator[dict[str, dict[str, float]]]:
-    """:func:`score_sample` of every ``(inputs, student, prior, eval params)`` job, in the
-    jobs' order: in this process for ``workers == 1``, else in that many worker processes
-    (``spawn``: no torch or OpenMP state is forked), at most ``2 * workers`` jobs in flight so
-    memory stays bounded. Each sample's scores depend only on the sample and ``eval.seed``,
-    so the report is the same for any number of workers."""
+def _score_job(job: tuple) -> Scored:
+    dataset, *args = job
+    return dataset, score_sample(*args)
+
+
+def scored_in_order(jobs: Iterable[tuple], workers: int) -> Iterator[Scored]:
+    """``(dataset, score_sample(...))`` of every ``(dataset, inputs, student, prior, eval
+    params)`` job, in the jobs' order: in this process for ``workers == 1``, else in that many
+    worker processes (``spawn``: no torch or OpenMP state is forked), at most ``2 * workers``
+    jobs in flight so memory stays bounded. Each sample's scores depend only on the sample and
+    ``eval.seed``, so the report is the same for any number of workers."""
     if workers == 1:
-        yield from (score_sample(*job) for job in jobs)
+        yield from map(_score_job, jobs)
         return
     pending: deque[Future] = deque()
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
@@ -216,7 +220,7 @@ def scored_in_order(jobs: Iterable[tuple], workers: int) -> Iterator[dict[str, d
             yield pending.popleft().result()
 
 
-def summarise(scored: list[tuple[str, dict[str, dict[str, float]]]]) -> dict[str, Any]:
+def summarise(scored: list[Scored]) -> dict[str, Any]:
     """Blocks averaged over all samples plus ``per_dataset``; every ground-truth block has the
     same keys (``null`` where no sample has a value) so the report's layout is stable."""
     gt_keys: list[str] = []
@@ -267,8 +271,7 @@ def run_evaluation(params: Params, checkpoint: str | Path, cache_dir: str | Path
                                             ep.layout_prior_max_samples)
     total = int(index["num_samples"])
     total = total if ep.max_samples is None else min(total, ep.max_samples)
-    scored: list[tuple[str, dict[str, dict[str, float]]]] = []
-    datasets: list[str] = []
+    scored: list[Scored] = []
     forward_seconds = [0.0]
 
     def jobs() -> Iterator[tuple]:
@@ -276,8 +279,8 @@ def run_evaluation(params: Params, checkpoint: str | Path, cache_dir: str | Path
             preds, seconds = predict_batch(model, batch, device, dtype)
             forward_seconds[0] += seconds
             for sample, pred in zip(batch, preds):
-                datasets.append(str(sample["meta"].get("dataset", "unknown")))
-                yield score_inputs(sample), pred, prior, ep
+                dataset = str(sample["meta"].get("dataset", "unknown"))
+                yield dataset, score_inputs(sample), pred, prior, ep
 
     workers = max(1, min(ep.workers or available_cores(), total))
     threads = torch.get_num_threads()
@@ -289,8 +292,8 @@ def run_evaluation(params: Params, checkpoint: str | Path, cache_dir: str | Path
     try:
         with progress_bar(total=total, desc="evaluate", unit="sample",
                           disable=not progress) as bar:
-            for scores in scored_in_order(jobs(), workers):
-                scored.append((datasets[len(scored)], scores))
+            for item in scored_in_order(jobs(), workers):
+                scored.append(item)
                 bar.update()
     finally:
         torch.set_num_threads(threads)
