@@ -241,7 +241,7 @@ class ModelParams:
 @dataclass
 class LossParams:
     """Confidence-aware distillation loss: ``alpha_global * L_global + alpha_local * L_local +
-    gamma_conf * L_conf``; per-pixel weights from the teacher's confidence (``weighting``)."""
+    gamma_conf * L_conf + alpha_camera * L_camera``; per-pixel weights from the teacher's confidence (``weighting``)."""
 
     alpha_global: float = 2.0
     alpha_local: float = 1.0
@@ -252,12 +252,16 @@ class LossParams:
     distance: Literal["euclidean", "squared", "relative"] = "euclidean"
     conf_scale: float = 10.0
     w_min: float = 0.1
+    # weight of the camera-centre term: where each view's two maps place its camera in the
+    # global frame, against the teacher's (distill3r.losses, L_camera)
+    alpha_camera: float = 0.0
 
     def validate(self, where: str = "loss") -> None:
         check_choices(self, where)
         require([("alpha_global", self.alpha_global >= 0, "must be >= 0"),
                   ("alpha_local", self.alpha_local >= 0, "must be >= 0"),
                   ("gamma_conf", self.gamma_conf >= 0, "must be >= 0"),
+                  ("alpha_camera", self.alpha_camera >= 0, "must be >= 0"),
                   ("conf_scale", self.conf_scale > 0, "must be > 0"),
                   ("w_min", 0.0 <= self.w_min <= 1.0, "must be in [0, 1]")], self, where)
 

@@ -1,6 +1,7 @@
 """Confidence-aware distillation loss (the published recipe, with its defects fixed).
 
-``L = alpha_global * L_global + alpha_local * L_local + gamma_conf * L_conf``
+``L = alpha_global * L_global + alpha_local * L_local + gamma_conf * L_conf
++ alpha_camera * L_camera``
 
 Inputs (``B`` samples, ``N`` views, float32 or bf16; computed in float32 with autocast off):
 pred = the student output dict, target = ``xyz_global``, ``xyz_local`` ``[B,N,H,W,3]``,
@@ -24,6 +25,18 @@ pred = the student output dict, target = ``xyz_global``, ``xyz_local`` ``[B,N,H,
   heads. The log keeps the term bounded (confidences live in [1, ~1e4]; the published L1 on raw
   ``1 + exp`` values was unbounded); confidences are clamped to [1, float32 max] first so an
   infinite teacher confidence gives a finite loss.
+- ``L_camera``: where each view's camera lands in the sample's global frame. A view's two maps
+  imply its camera: the global points are its local points moved by a similarity,
+  ``G = k R L + c``, and ``c`` (where the local origin lands) is the camera centre in view
+  0's frame. For the teacher (normalised maps, valid pixels, no gradient) ``k, R, c`` are the
+  Umeyama fit (least-squares similarity, Umeyama 1991). For the student, ``R`` is the
+  teacher's and ``k``, ``c`` are the student's own least-squares fit of its normalised maps,
+  ``c = mean(G) - k R mean(L)``: closed form, no SVD in the gradient, defined on a planar
+  view. The term is ``||c_student - c_teacher||`` averaged over the (sample, view) pairs
+  with at least ``_MIN_CAMERA_PIXELS`` valid pixels. The point terms weigh a shift of a
+  whole view's global map like the same amount of per-pixel noise; poses, and above all the
+  direction of the translation between nearby views, depend only on the shift, which this
+  term measures directly. Always computed and reported; ``alpha_camera: 0`` trains without it.
 - Invalid pixels are replaced (``torch.where``) before any arithmetic, so NaN/inf there never
   reaches the loss or its gradient. An empty mask gives a loss of exactly 0 that still depends
   on the prediction (zero gradient, no NaN).
@@ -38,6 +51,7 @@ from distill3r.config import LossParams
 from distill3r.models.activations import point_norm
 
 _MIN_SCALE = 1e-6
+_MIN_CAMERA_PIXELS = 16  # fewer valid pixels leave a view out of L_camera
 _MIN_RELATIVE = 0.05  # "relative" distance: pixels nearer than 5% of their view's mean distance
 _FMAX = torch.finfo(torch.float32).max
 _KEYS_PRED = ("xyz_global", "xyz_local", "conf_global", "conf_local")
@@ -82,6 +96,47 @@ def _camera_distance(t_local: torch.Tensor, valid: torch.Tensor) -> torch.Tensor
     return (point_norm(t_local).squeeze(-1) / _mean_norm(t_local, v, (2, 3))).clamp_min(_MIN_RELATIVE)
 
 
+def _normalised(xyz: torch.Tensor, v: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    return xyz / _mean_norm(xyz, v, dims)[..., None]
+
+
+def _centred(xyz: torch.Tensor, v: torch.Tensor, count: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-view mean ``[B,N,3]`` over the valid pixels and the points minus it (0 where
+    invalid) ``[B,N,H,W,3]``."""
+    mean = (xyz * v[..., None]).sum(dim=(2, 3)) / count[..., None]
+    return mean, (xyz - mean[:, :, None, None]) * v[..., None]
+
+
+def _camera_error(p_global: torch.Tensor, p_local: torch.Tensor, t_global: torch.Tensor,
+                  t_local: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``L_camera`` (module doc): inputs ``[B,N,H,W,3]`` float32 (0 where invalid) and
+    ``valid`` ``[B,N,H,W]``; returns a scalar."""
+    v = valid.to(p_global.dtype)
+    count = v.sum(dim=(2, 3))
+    used = count >= _MIN_CAMERA_PIXELS
+    count = count.clamp_min(1)
+    with torch.no_grad():
+        mg, yg = _centred(_normalised(t_global, v, (1, 2, 3)), v, count)
+        ml, xl = _centred(_normalised(t_local, v, (2, 3)), v, count)
+        cov = torch.einsum("bnhwi,bnhwj->bnij", yg, xl) / count[..., None, None]
+        u, sig, vh = torch.linalg.svd(cov)
+        flip = torch.ones_like(sig)
+        flip[..., 2] = torch.sign(torch.linalg.det(u @ vh))
+        rot = u @ torch.diag_embed(flip) @ vh
+        var = (xl * xl).sum(dim=(2, 3, 4)) / count
+        scale = (sig * flip).sum(-1) / var.clamp_min(_MIN_SCALE)
+        c_teacher = mg - scale[..., None] * torch.einsum("bnij,bnj->bni", rot, ml)
+    pg, yp = _centred(_normalised(p_global, v, (1, 2, 3)), v, count)
+    pl, xp = _centred(_normalised(p_local, v, (2, 3)), v, count)
+    xp_rot = torch.einsum("bnij,bnhwj->bnhwi", rot, xp)
+    k = (yp * xp_rot).sum(dim=(2, 3, 4)) / (xp * xp).sum(dim=(2, 3, 4)).clamp_min(_MIN_SCALE)
+    c_student = pg - k[..., None] * torch.einsum("bnij,bnj->bni", rot, pl)
+    err = torch.linalg.vector_norm(c_student - c_teacher, dim=-1)
+    has = used.to(err.dtype)
+    return (torch.where(used, err, 0.0) * has).sum() / has.sum().clamp_min(1)
+
+
 def _log_conf(conf: torch.Tensor) -> torch.Tensor:
     return conf.clamp(1.0, _FMAX).log()
 
@@ -89,7 +144,7 @@ def _log_conf(conf: torch.Tensor) -> torch.Tensor:
 class DistillationLoss(nn.Module):
     """``loss, details = DistillationLoss(params)(pred, target)``; ``details`` holds detached
     ``loss`` (weighted total), ``loss_global``, ``loss_local``, ``loss_conf``,
-    ``loss_conf_global`` and ``loss_conf_local``."""
+    ``loss_conf_global``, ``loss_conf_local`` and ``loss_camera``."""
 
     def __init__(self, params: LossParams) -> None:
         super().__init__()
@@ -126,9 +181,12 @@ class DistillationLoss(nn.Module):
                 err = (_log_conf(p_conf) - _log_conf(t_conf)).abs()
                 terms[f"loss_conf_{head}"] = _masked_view_mean(err, valid)
             terms["loss_conf"] = 0.5 * (terms["loss_conf_global"] + terms["loss_conf_local"])
+            terms["loss_camera"] = _camera_error(
+                *(torch.where(vp, d[f"xyz_{head}"].float(), 0.0)
+                  for d in (pred, target) for head in ("global", "local")), valid)
             p = self.params
             loss = (p.alpha_global * terms["loss_global"] + p.alpha_local * terms["loss_local"]
-                    + p.gamma_conf * terms["loss_conf"])
+                    + p.gamma_conf * terms["loss_conf"] + p.alpha_camera * terms["loss_camera"])
         details = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
         return loss, details
 

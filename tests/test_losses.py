@@ -42,12 +42,13 @@ def test_zero_when_prediction_equals_target(weighting):
 
 
 def test_total_is_weighted_sum_of_terms():
-    params = LossParams(alpha_global=2.0, alpha_local=1.0, gamma_conf=0.5)
+    params = LossParams(alpha_global=2.0, alpha_local=1.0, gamma_conf=0.5, alpha_camera=0.25)
     target = _target()
     loss, d = DistillationLoss(params)(_pred_from(target, noise=0.5), target)
-    expected = 2.0 * d["loss_global"] + 1.0 * d["loss_local"] + 0.5 * d["loss_conf"]
+    expected = (2.0 * d["loss_global"] + 1.0 * d["loss_local"] + 0.5 * d["loss_conf"]
+                + 0.25 * d["loss_camera"])
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert d["loss_global"] > 0 and d["loss_local"] > 0 and d["loss_conf"] > 0
+    assert all(d[k] > 0 for k in ("loss_global", "loss_local", "loss_conf", "loss_camera"))
 
 
 def test_invariant_to_global_rescale_of_prediction():
@@ -219,3 +220,73 @@ def test_euclidean_distance_has_finite_gradient_at_the_target():
     loss, _ = DistillationLoss(LossParams(distance="euclidean"))(pred, target)
     loss.backward()
     assert all(torch.isfinite(pred[k].grad).all() for k in ("xyz_global", "xyz_local"))
+
+
+def _rotation(g: torch.Generator) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=g))
+    q = q * torch.sign(torch.diagonal(r))
+    return q if torch.linalg.det(q) > 0 else -q
+
+
+def _rigid_target(seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Maps of ``N`` cameras looking at random points: ``global = R_n local + c_n`` with view 0
+    the identity (the global frame). Returns the target and the centres ``c`` ``[B,N,3]``."""
+    g = torch.Generator().manual_seed(seed)
+    local = torch.randn(B, N, H, W, 3, generator=g) + torch.tensor([0.0, 0.0, 4.0])
+    rots = torch.stack([torch.stack([torch.eye(3) if n == 0 else _rotation(g) for n in range(N)])
+                        for _ in range(B)])
+    centres = torch.randn(B, N, 3, generator=g)
+    centres[:, 0] = 0.0
+    glob = torch.einsum("bnij,bnhwj->bnhwi", rots, local) + centres[:, :, None, None]
+    target = {"xyz_global": glob, "xyz_local": local,
+              "conf_global": torch.full((B, N, H, W), 5.0), "conf_local": torch.full((B, N, H, W), 5.0),
+              "mask": torch.rand(B, N, H, W, generator=g) > 0.2}
+    return target, centres
+
+
+def _mean_norm(xyz: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(xyz, dim=-1)[mask].mean()
+
+
+def test_camera_term_is_the_distance_between_normalised_camera_centres():
+    """A view whose global map is its local map moved by the teacher's rotation and a wrong
+    centre costs exactly the distance between the two normalised centres; a prediction in
+    other units (local and global each rescaled) costs nothing."""
+    target, centres = _rigid_target()
+    loss_fn = DistillationLoss(LossParams())
+    pred = _pred_from(target)
+    pred["xyz_global"] = (target["xyz_global"] * 3.0).requires_grad_(True)
+    pred["xyz_local"] = (target["xyz_local"] * 0.5).requires_grad_(True)
+    _, d = loss_fn(pred, target)
+    assert d["loss_camera"].item() == pytest.approx(0.0, abs=1e-5)
+
+    shift = torch.tensor([0.8, -0.3, 0.5])
+    moved = target["xyz_global"].clone()
+    moved[:, 1] += shift
+    pred = _pred_from(target)
+    pred["xyz_global"] = moved.requires_grad_(True)
+    _, d = loss_fn(pred, target)
+    want = []
+    for b in range(B):
+        mask = target["mask"][b]
+        s_t, s_p = _mean_norm(target["xyz_global"][b], mask), _mean_norm(moved[b], mask)
+        for n in range(N):
+            c_pred = centres[b, n] + (shift if n == 1 else 0.0)
+            want.append(torch.linalg.vector_norm(c_pred / s_p - centres[b, n] / s_t))
+    assert d["loss_camera"].item() == pytest.approx(torch.stack(want).mean().item(), rel=1e-4)
+    assert d["loss_camera"].item() > 0.05
+
+
+def test_camera_term_gradient_is_finite_on_planar_empty_and_sparse_views():
+    target, _ = _rigid_target()
+    target["xyz_local"][0, 1, ..., 2] = 4.0  # a flat wall facing the camera
+    target["xyz_global"][0, 1] = target["xyz_local"][0, 1] + 1.0
+    target["mask"][1, 2] = False
+    pred = _pred_from(target, noise=0.3)
+    loss, d = DistillationLoss(LossParams(alpha_camera=1.0))(pred, target)
+    assert d["loss_camera"] > 0
+    _assert_finite_with_grad(loss, pred)
+    target["mask"][1, 2, 0, :3] = True  # 3 pixels: too few to place a camera (degenerate fit)
+    pred = _pred_from(target, noise=0.3)
+    loss, d = DistillationLoss(LossParams(alpha_camera=1.0))(pred, target)
+    _assert_finite_with_grad(loss, pred)
