@@ -290,3 +290,15 @@ def test_camera_term_gradient_is_finite_on_planar_empty_and_sparse_views():
     pred = _pred_from(target, noise=0.3)
     loss, d = DistillationLoss(LossParams(alpha_camera=1.0))(pred, target)
     _assert_finite_with_grad(loss, pred)
+
+
+def test_camera_term_moves_the_global_map_only():
+    """The camera term's gradient reaches the global map, never the local one (which the local
+    term alone trains)."""
+    target, _ = _rigid_target()
+    pred = _pred_from(target, noise=0.3)
+    params = LossParams(alpha_global=0.0, alpha_local=0.0, gamma_conf=0.0, alpha_camera=1.0)
+    loss, _ = DistillationLoss(params)(pred, target)
+    loss.backward()
+    assert pred["xyz_global"].grad.abs().sum() > 0
+    assert pred["xyz_local"].grad is None or not pred["xyz_local"].grad.any()
