@@ -79,31 +79,6 @@ def test_param_groups_no_decay_for_norms_biases_tokens():
         build_optimizer(model, 1e-3, [0.9, 0.95], 0.05, 1e-2, 2, 10)
 
 
-def test_optimizer_is_fused_on_the_cpu_with_the_loop_update():
-    """The fused AdamW on CPU parameters takes the same steps as torch's per-parameter loop
-    (both groups, weight decay and the schedule), up to float rounding."""
-    torch.manual_seed(0)
-    models = [torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5)) for _ in range(2)]
-    models[1].load_state_dict(models[0].state_dict())
-    start = models[0][0].weight.detach().clone()
-    fused, sched = build_optimizer(models[0], 1e-2, [0.9, 0.95], 0.05, 1e-3, 2, 10)
-    assert fused.defaults["fused"] is True
-    loop = torch.optim.AdamW(param_groups(models[1], 0.05), lr=1e-2, betas=(0.9, 0.95),
-                             fused=False, foreach=False)
-    loop_sched = torch.optim.lr_scheduler.LambdaLR(
-        loop, lambda step: lr_factor(step, 10, 2, 0.1))
-    x = torch.randn(8, 6)
-    for _ in range(5):
-        for model, opt, schedule in ((models[0], fused, sched), (models[1], loop, loop_sched)):
-            opt.zero_grad()
-            (model(x) ** 2).sum().backward()
-            opt.step()
-            schedule.step()
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert (models[0][0].weight - start).abs().max() > 1e-3  # the steps did move the weights
-
-
 def test_bf16_falls_back_to_fp32_on_cpu_without_bf16(monkeypatch):
     monkeypatch.setattr(run_module, "bf16_supported", lambda device: False)
     with pytest.warns(UserWarning, match="falling back"):
