@@ -39,7 +39,8 @@ pred = the student output dict, target = ``xyz_global``, ``xyz_local`` ``[B,N,H,
   with at least ``_MIN_CAMERA_PIXELS`` valid pixels. The point terms weigh a shift of a
   whole view's global map like the same amount of per-pixel noise; poses, and above all the
   direction of the translation between nearby views, depend only on the shift, which this
-  term measures directly. Always computed and reported; ``alpha_camera: 0`` trains without it.
+  term measures directly. Always computed and reported; with ``alpha_camera: 0`` it is
+  computed without gradient and left out of the total.
 - Invalid pixels are replaced (``torch.where``) before any arithmetic, so NaN/inf there never
   reaches the loss or its gradient. An empty mask gives a loss of exactly 0 that still depends
   on the prediction (zero gradient, no NaN).
@@ -186,12 +187,17 @@ class DistillationLoss(nn.Module):
                 err = (_log_conf(p_conf) - _log_conf(t_conf)).abs()
                 terms[f"loss_conf_{head}"] = _masked_view_mean(err, valid)
             terms["loss_conf"] = 0.5 * (terms["loss_conf_global"] + terms["loss_conf_local"])
-            terms["loss_camera"] = _camera_error(
-                *(torch.where(vp, d[f"xyz_{head}"].float(), 0.0)
-                  for d in (pred, target) for head in ("global", "local")), valid)
             p = self.params
+            # without its weight the camera term is only reported: no graph, and the total is
+            # bit for bit the loss without it
+            with torch.set_grad_enabled(torch.is_grad_enabled() and p.alpha_camera > 0):
+                terms["loss_camera"] = _camera_error(
+                    *(torch.where(vp, d[f"xyz_{head}"].float(), 0.0)
+                      for d in (pred, target) for head in ("global", "local")), valid)
             loss = (p.alpha_global * terms["loss_global"] + p.alpha_local * terms["loss_local"]
-                    + p.gamma_conf * terms["loss_conf"] + p.alpha_camera * terms["loss_camera"])
+                    + p.gamma_conf * terms["loss_conf"])
+            if p.alpha_camera > 0:
+                loss = loss + p.alpha_camera * terms["loss_camera"]
         details = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
         return loss, details
 

@@ -302,3 +302,11 @@ def test_camera_term_moves_the_global_map_only():
     loss.backward()
     assert pred["xyz_global"].grad.abs().sum() > 0
     assert pred["xyz_local"].grad is None or not pred["xyz_local"].grad.any()
+
+
+def test_camera_term_without_weight_is_reported_only():
+    target, _ = _rigid_target()
+    pred = _pred_from(target, noise=0.3)
+    loss, d = DistillationLoss(LossParams())(pred, target)
+    want = 2.0 * d["loss_global"] + d["loss_local"] + 0.001 * d["loss_conf"]
+    assert d["loss_camera"] > 0 and loss.item() == want.item()
