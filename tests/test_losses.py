@@ -239,7 +239,8 @@ def _rigid_target(seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]
     centres[:, 0] = 0.0
     glob = torch.einsum("bnij,bnhwj->bnhwi", rots, local) + centres[:, :, None, None]
     target = {"xyz_global": glob, "xyz_local": local,
-              "conf_global": torch.full((B, N, H, W), 5.0), "conf_local": torch.full((B, N, H, W), 5.0),
+              "conf_global": torch.full((B, N, H, W), 5.0),
+              "conf_local": torch.full((B, N, H, W), 5.0),
               "mask": torch.rand(B, N, H, W, generator=g) > 0.2}
     return target, centres
 
