@@ -77,16 +77,18 @@ def _mean_norm(xyz: torch.Tensor, v: torch.Tensor, dims: tuple[int, ...]) -> tor
     return ((point_norm(xyz).squeeze(-1) * v).sum(dim=dims, keepdim=True) / count).clamp_min(_MIN_SCALE)
 
 
+def _normalised(xyz: torch.Tensor, v: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """``xyz`` over its mean distance to the origin (:func:`_mean_norm`): ``dims`` ``(1, 2, 3)``
+    one scale per sample (global maps), ``(2, 3)`` one per view (local maps)."""
+    return xyz / _mean_norm(xyz, v, dims)[..., None]
+
+
 def _geometric(pred: torch.Tensor, targ: torch.Tensor, valid: torch.Tensor,
-               weight: torch.Tensor, per_sample: bool, squared: bool,
+               weight: torch.Tensor, squared: bool,
                divisor: torch.Tensor | None = None) -> torch.Tensor:
-    """Scale-normalised weighted point error (squared or Euclidean, divided per pixel by
-    ``divisor`` ``[B,N,H,W]`` when given); ``per_sample``: one scale per sample (global)
-    instead of per view (local)."""
-    dims = (1, 2, 3) if per_sample else (2, 3)
-    v = valid.to(pred.dtype)
-    s_pred, s_targ = _mean_norm(pred, v, dims), _mean_norm(targ, v, dims)
-    diff = pred / s_pred[..., None] - targ / s_targ[..., None]
+    """Weighted point error between normalised maps (:func:`_normalised`), squared or
+    Euclidean, divided per pixel by ``divisor`` ``[B,N,H,W]`` when given."""
+    diff = pred - targ
     # vector_norm's gradient at a zero difference is 0, not NaN
     dist = (diff * diff).sum(-1) if squared else torch.linalg.vector_norm(diff, dim=-1)
     if divisor is not None:
@@ -101,10 +103,6 @@ def _camera_distance(t_local: torch.Tensor, valid: torch.Tensor) -> torch.Tensor
     return (point_norm(t_local).squeeze(-1) / _mean_norm(t_local, v, (2, 3))).clamp_min(_MIN_RELATIVE)
 
 
-def _normalised(xyz: torch.Tensor, v: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-    return xyz / _mean_norm(xyz, v, dims)[..., None]
-
-
 def _centred(xyz: torch.Tensor, v: torch.Tensor, count: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-view mean ``[B,N,3]`` over the valid pixels and the points minus it (0 where
@@ -115,15 +113,15 @@ def _centred(xyz: torch.Tensor, v: torch.Tensor, count: torch.Tensor
 
 def _camera_error(p_global: torch.Tensor, p_local: torch.Tensor, t_global: torch.Tensor,
                   t_local: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``L_camera`` (module doc): inputs ``[B,N,H,W,3]`` float32 (0 where invalid) and
-    ``valid`` ``[B,N,H,W]``; returns a scalar."""
+    """``L_camera`` (module doc): normalised maps (:func:`_normalised`) ``[B,N,H,W,3]`` float32
+    (0 where invalid) and ``valid`` ``[B,N,H,W]``; returns a scalar."""
     v = valid.to(p_global.dtype)
     count = v.sum(dim=(2, 3))
     used = count >= _MIN_CAMERA_PIXELS
     count = count.clamp_min(1)
     with torch.no_grad():
-        mg, yg = _centred(_normalised(t_global, v, (1, 2, 3)), v, count)
-        ml, xl = _centred(_normalised(t_local, v, (2, 3)), v, count)
+        mg, yg = _centred(t_global, v, count)
+        ml, xl = _centred(t_local, v, count)
         cov = torch.einsum("bnhwi,bnhwj->bnij", yg, xl) / count[..., None, None]
         u, sig, vh = torch.linalg.svd(cov)
         flip = torch.ones_like(sig)
@@ -132,9 +130,9 @@ def _camera_error(p_global: torch.Tensor, p_local: torch.Tensor, t_global: torch
         var = (xl * xl).sum(dim=(2, 3, 4)) / count
         scale = (sig * flip).sum(-1) / var.clamp_min(_MIN_SCALE)
         c_teacher = mg - scale[..., None] * torch.einsum("bnij,bnj->bni", rot, ml)
-    pg, yp = _centred(_normalised(p_global, v, (1, 2, 3)), v, count)
+    pg, yp = _centred(p_global, v, count)
     with torch.no_grad():
-        pl, xp = _centred(_normalised(p_local, v, (2, 3)), v, count)
+        pl, xp = _centred(p_local, v, count)
         xp_rot = torch.einsum("bnij,bnhwj->bnhwi", rot, xp)
         k = (yp * xp_rot).sum(dim=(2, 3, 4)) / (xp * xp).sum(dim=(2, 3, 4)).clamp_min(_MIN_SCALE)
         offset = k[..., None] * torch.einsum("bnij,bnj->bni", rot, pl)
@@ -170,19 +168,24 @@ class DistillationLoss(nn.Module):
         with torch.autocast(device_type=target["mask"].device.type, enabled=False):
             valid = target["mask"].bool()
             vp = valid[..., None]
+            v = valid.float()
             terms = {}
             divisor = None
             if self.params.distance == "relative":
                 divisor = _camera_distance(
                     torch.where(vp, target["xyz_local"].float(), 0.0), valid)
+            maps = {}  # (head, "pred"/"target") -> normalised map, 0 where invalid
             for head in ("global", "local"):
-                p_xyz = torch.where(vp, pred[f"xyz_{head}"].float(), 0.0)
-                t_xyz = torch.where(vp, target[f"xyz_{head}"].float(), 0.0)
+                # global: one scale per sample (relative view placement matters); local: per view
+                dims = (1, 2, 3) if head == "global" else (2, 3)
+                for side, d in (("pred", pred), ("target", target)):
+                    maps[head, side] = _normalised(
+                        torch.where(vp, d[f"xyz_{head}"].float(), 0.0), v, dims)
                 p_conf = torch.where(valid, pred[f"conf_{head}"].float(), 1.0)
                 t_conf = torch.where(valid, target[f"conf_{head}"].float(), 1.0)
                 weight = self._weight(t_conf, p_conf)
                 terms[f"loss_{head}"] = _geometric(
-                    p_xyz, t_xyz, valid, weight, per_sample=head == "global",
+                    maps[head, "pred"], maps[head, "target"], valid, weight,
                     squared=self.params.distance == "squared", divisor=divisor)
                 err = (_log_conf(p_conf) - _log_conf(t_conf)).abs()
                 terms[f"loss_conf_{head}"] = _masked_view_mean(err, valid)
@@ -192,8 +195,8 @@ class DistillationLoss(nn.Module):
             # bit for bit the loss without it
             with torch.set_grad_enabled(torch.is_grad_enabled() and p.alpha_camera > 0):
                 terms["loss_camera"] = _camera_error(
-                    *(torch.where(vp, d[f"xyz_{head}"].float(), 0.0)
-                      for d in (pred, target) for head in ("global", "local")), valid)
+                    *(maps[head, side] for side in ("pred", "target")
+                      for head in ("global", "local")), valid)
             loss = (p.alpha_global * terms["loss_global"] + p.alpha_local * terms["loss_local"]
                     + p.gamma_conf * terms["loss_conf"])
             if p.alpha_camera > 0:

@@ -311,3 +311,8 @@ def test_camera_term_without_weight_is_reported_only():
     loss, d = DistillationLoss(LossParams())(pred, target)
     want = 2.0 * d["loss_global"] + d["loss_local"] + 0.001 * d["loss_conf"]
     assert d["loss_camera"] > 0 and loss.item() == want.item()
+
+
+def test_negative_camera_weight_is_refused():
+    with pytest.raises(ValueError, match=r"alpha_camera.*must be >= 0"):
+        DistillationLoss(LossParams(alpha_camera=-0.5))
