@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from distill3r.models import (MODEL_CONFIGS, Student, StudentConfig, build_student,
                               count_parameters, get_config, load_student, save_student)
 from distill3r.models.activations import get_activation, xyz_exp
-from distill3r.models.dpt import StrideTwoConv
+from distill3r.models.dpt import DPTHead, StrideTwoConv
 from distill3r.models.pose_head import rotation_from_6d
 
 PAPER_PARAMS = 71_969_288
@@ -489,3 +489,45 @@ def test_image_pyramid_needs_an_image_branch():
         dataclasses.replace(get_config("tiny-lite"), dpt_image_blocks=2)
     with pytest.raises(ValueError, match="dpt_image_blocks must be >= 0, got -1"):
         dataclasses.replace(get_config("tiny-hybrid"), dpt_image_blocks=-1)
+
+
+def test_heads_chunk_only_without_autograd(tiny, monkeypatch):
+    """Chunks bound memory only when no activations are kept for backward: under autograd the
+    heads see all views in one call (the same outputs), without it chunks of head_chunk_size."""
+    calls = []
+    original = DPTHead.forward
+
+    def spy(self, tokens, *args, **kwargs):
+        calls.append(tokens[0].shape[0])
+        return original(self, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(DPTHead, "forward", spy)
+    tiny.eval()
+    tiny.head_chunk_size = 2
+    x = _images(2, 3, 28, 28, seed=5)
+    with torch.no_grad():
+        chunked = tiny(x)
+    assert calls == [2, 2, 2, 2, 2, 2]  # 6 views in chunks of 2, global then local head
+    calls.clear()
+    recorded = tiny(x)
+    assert calls == [6, 6]
+    assert recorded["xyz_local"].requires_grad
+    for key in chunked:
+        torch.testing.assert_close(recorded[key].detach(), chunked[key], rtol=1e-5, atol=1e-5)
+    tiny.head_chunk_size = 3
+
+
+@pytest.mark.parametrize("name", ["tiny-pyramid-local", "tiny"])
+def test_convolutions_run_channels_last(name):
+    """Every convolution (patch embedding or stem, DPT heads, image pyramid) gets a
+    channels-last input, the layout oneDNN and cuDNN run bf16 convolutions fastest in."""
+    model = build_student(name)
+    seen = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            module.register_forward_pre_hook(
+                lambda mod, args, n=module_name: seen.append(
+                    (n, args[0].is_contiguous(memory_format=torch.channels_last))))
+    with torch.no_grad():
+        model(_images(1, 2, 56, 56, seed=6))
+    assert seen and all(ok for _, ok in seen), [n for n, ok in seen if not ok]
