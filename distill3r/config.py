@@ -229,7 +229,7 @@ class ModelParams:
 
     name: ModelName = "tiny-pyramid-local"
     encoder_weights: Optional[str] = None  # DUNE checkpoint path, or null for random init
-    head_chunk_size: int = 8  # views per DPT-head chunk (bounds memory at many views)
+    head_chunk_size: int = 8  # views per DPT-head call without autograd (bounds memory)
     merge: MergeParams = field(default_factory=MergeParams)  # inference only
 
     def validate(self, where: str = "model") -> None:
