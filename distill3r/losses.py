@@ -96,13 +96,6 @@ def _geometric(pred: torch.Tensor, targ: torch.Tensor, valid: torch.Tensor,
     return _masked_view_mean(weight * dist, valid)
 
 
-def _camera_distance(t_local: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``[B,N,H,W]``: each pixel's distance to its own camera over its view's mean distance
-    (teacher's local map), at least ``_MIN_RELATIVE``."""
-    v = valid.to(t_local.dtype)
-    return (point_norm(t_local).squeeze(-1) / _mean_norm(t_local, v, (2, 3))).clamp_min(_MIN_RELATIVE)
-
-
 def _centred(xyz: torch.Tensor, v: torch.Tensor, count: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-view mean ``[B,N,3]`` over the valid pixels and the points minus it (0 where
@@ -170,10 +163,6 @@ class DistillationLoss(nn.Module):
             vp = valid[..., None]
             v = valid.float()
             terms = {}
-            divisor = None
-            if self.params.distance == "relative":
-                divisor = _camera_distance(
-                    torch.where(vp, target["xyz_local"].float(), 0.0), valid)
             maps = {}  # (head, "pred"/"target") -> normalised map, 0 where invalid
             for head in ("global", "local"):
                 # global: one scale per sample (relative view placement matters); local: per view
@@ -181,6 +170,12 @@ class DistillationLoss(nn.Module):
                 for side, d in (("pred", pred), ("target", target)):
                     maps[head, side] = _normalised(
                         torch.where(vp, d[f"xyz_{head}"].float(), 0.0), v, dims)
+            divisor = None
+            if self.params.distance == "relative":
+                # each pixel's distance to its own camera over its view's mean distance (the
+                # teacher's normalised local map), at least _MIN_RELATIVE
+                divisor = point_norm(maps["local", "target"]).squeeze(-1).clamp_min(_MIN_RELATIVE)
+            for head in ("global", "local"):
                 p_conf = torch.where(valid, pred[f"conf_{head}"].float(), 1.0)
                 t_conf = torch.where(valid, target[f"conf_{head}"].float(), 1.0)
                 weight = self._weight(t_conf, p_conf)
