@@ -241,7 +241,7 @@ class ModelParams:
 @dataclass
 class LossParams:
     """Confidence-aware distillation loss: ``alpha_global * L_global + alpha_local * L_local +
-    gamma_conf * L_conf + alpha_camera * L_camera``; per-pixel weights from the teacher's
+    gamma_conf * L_conf + alpha_camera * L_camera + alpha_normal * L_normal``; per-pixel weights from the teacher's
     confidence (``weighting``)."""
 
     alpha_global: float = 2.0
@@ -256,6 +256,9 @@ class LossParams:
     # weight of the camera-centre term: where each view's two maps place its camera in the
     # global frame, against the teacher's (distill3r.losses, L_camera)
     alpha_camera: float = 0.0
+    # weight of the surface-normal term: 1 - cos between the student's and the teacher's
+    # local-map normals (distill3r.losses, L_normal)
+    alpha_normal: float = 0.0
 
     def validate(self, where: str = "loss") -> None:
         check_choices(self, where)
@@ -263,6 +266,7 @@ class LossParams:
                   ("alpha_local", self.alpha_local >= 0, "must be >= 0"),
                   ("gamma_conf", self.gamma_conf >= 0, "must be >= 0"),
                   ("alpha_camera", self.alpha_camera >= 0, "must be >= 0"),
+                  ("alpha_normal", self.alpha_normal >= 0, "must be >= 0"),
                   ("conf_scale", self.conf_scale > 0, "must be > 0"),
                   ("w_min", 0.0 <= self.w_min <= 1.0, "must be in [0, 1]")], self, where)
 

@@ -1,7 +1,7 @@
 """Confidence-aware distillation loss (the published recipe, with its defects fixed).
 
 ``L = alpha_global * L_global + alpha_local * L_local + gamma_conf * L_conf
-+ alpha_camera * L_camera``
++ alpha_camera * L_camera + alpha_normal * L_normal``
 
 Inputs (``B`` samples, ``N`` views, float32 or bf16; computed in float32 with autocast off):
 pred = the student output dict, target = ``xyz_global``, ``xyz_local`` ``[B,N,H,W,3]``,
@@ -42,6 +42,14 @@ pred = the student output dict, target = ``xyz_global``, ``xyz_local`` ``[B,N,H,
   direction of the translation between nearby views, depend only on the shift, which this
   term measures directly. Always computed and reported; with ``alpha_camera: 0`` it is
   computed without gradient and left out of the total.
+- ``L_normal``: the surface orientation of the local map. A pixel's normal is the cross
+  product of its horizontal and vertical central differences (the normals the evaluation's
+  normal consistency compares); the term is ``1 - cos`` between the student's and the
+  teacher's unit normals, weighted like the point terms, on the pixels whose four neighbours
+  are valid (per-view mean, then mean over views). The point terms weigh a pixel's error,
+  not its neighbour's: a surface drawn with the right depth but the wrong slope costs them
+  little. Like ``L_camera`` it is always reported, and computed without gradient when
+  ``alpha_normal`` is 0.
 - Invalid pixels are replaced (``torch.where``) before any arithmetic, so NaN/inf there never
   reaches the loss or its gradient. An empty mask gives a loss of exactly 0 that still depends
   on the prediction (zero gradient, no NaN).
@@ -58,6 +66,7 @@ from distill3r.models.activations import point_norm
 _MIN_SCALE = 1e-6
 _MIN_CAMERA_PIXELS = 16  # fewer valid pixels leave a view out of L_camera
 _MIN_RELATIVE = 0.05  # "relative" distance: pixels nearer than 5% of their view's mean distance
+_NORMAL_FLOOR = 0.1  # L_normal: the student's normal length counts as at least 0.1x the teacher's
 _FMAX = torch.finfo(torch.float32).max
 _KEYS_PRED = ("xyz_global", "xyz_local", "conf_global", "conf_local")
 
@@ -134,6 +143,38 @@ def _camera_error(p_global: torch.Tensor, p_local: torch.Tensor, t_global: torch
     return torch.where(used, err, 0.0).sum() / used.sum().clamp_min(1)
 
 
+def _grid_normals(xyz: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normals ``[B,N,H-2,W-2,3]`` (not unit: the cross product of the horizontal and vertical
+    central differences) of the interior pixels of ``xyz`` ``[B,N,H,W,3]``, and where they are
+    defined (``valid`` ``[B,N,H,W]`` at the pixel and its four neighbours)."""
+    dx = xyz[:, :, 1:-1, 2:] - xyz[:, :, 1:-1, :-2]
+    dy = xyz[:, :, 2:, 1:-1] - xyz[:, :, :-2, 1:-1]
+    ok = (valid[:, :, 1:-1, 1:-1] & valid[:, :, 1:-1, 2:] & valid[:, :, 1:-1, :-2]
+          & valid[:, :, 2:, 1:-1] & valid[:, :, :-2, 1:-1])
+    return torch.linalg.cross(dx, dy, dim=-1), ok
+
+
+def _normal_error(pred: torch.Tensor, targ: torch.Tensor, valid: torch.Tensor,
+                  weight: torch.Tensor) -> torch.Tensor:
+    """``L_normal`` (module doc) of normalised local maps ``[B,N,H,W,3]`` with per-pixel
+    ``weight`` and ``valid`` ``[B,N,H,W]``; a scalar (0 for maps smaller than 3x3).
+
+    The student's normal is divided by its length, but by no less than a tenth of the
+    teacher's: ``cos`` has a gradient of ``1 / length``, and a student surface that
+    collapses to a line or a point at one pixel would otherwise blow up the step."""
+    if pred.shape[2] < 3 or pred.shape[3] < 3:
+        return pred.sum() * 0.0
+    n_pred, ok = _grid_normals(pred, valid)
+    n_targ, _ = _grid_normals(targ, valid)
+    len_targ = torch.linalg.vector_norm(n_targ, dim=-1)
+    ok = ok & (len_targ > _MIN_SCALE ** 2)  # a degenerate teacher normal says nothing
+    len_targ = len_targ.clamp_min(_MIN_SCALE ** 2)
+    len_pred = torch.maximum(point_norm(n_pred, eps=_MIN_SCALE ** 4).squeeze(-1),
+                             _NORMAL_FLOOR * len_targ)
+    cos = (n_pred * n_targ).sum(-1) / (len_pred * len_targ)
+    return _masked_view_mean(weight[:, :, 1:-1, 1:-1] * (1.0 - cos), ok)
+
+
 def _log_conf(conf: torch.Tensor) -> torch.Tensor:
     return conf.clamp(1.0, _FMAX).log()
 
@@ -141,7 +182,7 @@ def _log_conf(conf: torch.Tensor) -> torch.Tensor:
 class DistillationLoss(nn.Module):
     """``loss, details = DistillationLoss(params)(pred, target)``; ``details`` holds detached
     ``loss`` (weighted total), ``loss_global``, ``loss_local``, ``loss_conf``,
-    ``loss_conf_global``, ``loss_conf_local`` and ``loss_camera``."""
+    ``loss_conf_global``, ``loss_conf_local``, ``loss_camera`` and ``loss_normal``."""
 
     def __init__(self, params: LossParams) -> None:
         super().__init__()
@@ -170,7 +211,7 @@ class DistillationLoss(nn.Module):
                 for side, d in (("pred", pred), ("target", target)):
                     maps[head, side] = _normalised(
                         torch.where(vp, d[f"xyz_{head}"].float(), 0.0), v, dims)
-            divisor = None
+            divisor, weights = None, {}
             if self.params.distance == "relative":
                 # each pixel's distance to its own camera over its view's mean distance (the
                 # teacher's normalised local map), at least _MIN_RELATIVE
@@ -178,7 +219,7 @@ class DistillationLoss(nn.Module):
             for head in ("global", "local"):
                 p_conf = torch.where(valid, pred[f"conf_{head}"].float(), 1.0)
                 t_conf = torch.where(valid, target[f"conf_{head}"].float(), 1.0)
-                weight = self._weight(t_conf, p_conf)
+                weights[head] = weight = self._weight(t_conf, p_conf)
                 terms[f"loss_{head}"] = _geometric(
                     maps[head, "pred"], maps[head, "target"], valid, weight,
                     squared=self.params.distance == "squared", divisor=divisor)
@@ -192,10 +233,16 @@ class DistillationLoss(nn.Module):
                 terms["loss_camera"] = _camera_error(
                     *(maps[head, side] for side in ("pred", "target")
                       for head in ("global", "local")), valid)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and p.alpha_normal > 0):
+                terms["loss_normal"] = _normal_error(maps["local", "pred"],
+                                                     maps["local", "target"], valid,
+                                                     weights["local"])
             loss = (p.alpha_global * terms["loss_global"] + p.alpha_local * terms["loss_local"]
                     + p.gamma_conf * terms["loss_conf"])
             if p.alpha_camera > 0:
                 loss = loss + p.alpha_camera * terms["loss_camera"]
+            if p.alpha_normal > 0:
+                loss = loss + p.alpha_normal * terms["loss_normal"]
         details = {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
         return loss, details
 

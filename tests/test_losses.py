@@ -316,3 +316,87 @@ def test_camera_term_without_weight_is_reported_only():
 def test_negative_camera_weight_is_refused():
     with pytest.raises(ValueError, match=r"alpha_camera.*must be >= 0"):
         DistillationLoss(LossParams(alpha_camera=-0.5))
+
+
+def _plane(normal: torch.Tensor, height: int = 7, width: int = 8) -> torch.Tensor:
+    """``[1,1,H,W,3]`` points of the plane through (0, 0, 4) with ``normal``, one per pixel
+    ray of a pinhole camera (focal 10, centred)."""
+    v, u = torch.meshgrid(torch.arange(height, dtype=torch.float64) - height / 2,
+                          torch.arange(width, dtype=torch.float64) - width / 2, indexing="ij")
+    rays = torch.stack([u / 10, v / 10, torch.ones_like(u)], dim=-1)
+    depth = 4.0 * normal[2] / (rays @ normal)
+    return (rays * depth[..., None])[None, None].float()
+
+
+def _local_only(pred_local: torch.Tensor, targ_local: torch.Tensor) -> tuple[dict, dict]:
+    shape = targ_local.shape[:-1]
+    target = {"xyz_global": targ_local, "xyz_local": targ_local,
+              "conf_global": torch.full(shape, 20.0), "conf_local": torch.full(shape, 20.0),
+              "mask": torch.ones(shape, dtype=torch.bool)}
+    pred = dict(target, xyz_local=pred_local.clone().requires_grad_(True))
+    return pred, target
+
+
+def test_normal_term_is_one_minus_the_cosine_of_the_surface_angle():
+    """A wall drawn tilted by 30 degrees costs 1 - cos(30 deg) at every interior pixel,
+    whatever the prediction's scale; the right wall in other units costs nothing."""
+    facing = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    angle = torch.tensor(30.0, dtype=torch.float64).deg2rad()
+    tilted = torch.stack([torch.sin(angle), torch.tensor(0.0, dtype=torch.float64),
+                          torch.cos(angle)])
+    loss_fn = DistillationLoss(LossParams(alpha_normal=1.0))
+    _, d = loss_fn(*_local_only(_plane(tilted) * 3.0, _plane(facing)))
+    assert d["loss_normal"].item() == pytest.approx(1 - torch.cos(angle).item(), rel=1e-4)
+    _, d = loss_fn(*_local_only(_plane(facing) * 0.2, _plane(facing)))
+    assert d["loss_normal"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_normal_term_ignores_pixels_next_to_invalid_ones_and_weights_by_confidence():
+    facing = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    flipped = _plane(facing)
+    flipped[..., 2] = 8.0 - flipped[..., 2]  # the same wall with a bump: other normals
+    flipped[:, :, 3, 4, 2] += 1.5
+    pred, target = _local_only(flipped, _plane(facing))
+    loss_fn = DistillationLoss(LossParams(alpha_normal=1.0, conf_scale=10.0, w_min=0.1))
+    _, d = loss_fn(pred, target)
+    assert d["loss_normal"] > 0.05
+    target["mask"][:, :, 3, 4] = False  # the bump and its four neighbours' normals drop out
+    _, d = loss_fn(pred, target)
+    assert d["loss_normal"].item() == pytest.approx(0.0, abs=1e-6)
+    target["mask"][:, :, 3, 4] = True
+    _, full = loss_fn(pred, target)
+    target["conf_local"] = torch.full_like(target["conf_local"], 5.0)  # weight 0.5 everywhere
+    _, half = loss_fn(pred, target)
+    assert half["loss_normal"].item() == pytest.approx(0.5 * full["loss_normal"].item(), rel=1e-5)
+
+
+def test_normal_term_gradient_is_bounded_on_a_collapsed_prediction():
+    """A student map shrunk to (almost) one point has (almost) no normals: it costs about 1,
+    and the floor on their length keeps the gradient small instead of ``1 / length``."""
+    facing = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    tilted = torch.tensor([0.5, 0.0, 0.866], dtype=torch.float64)
+    target_local = _plane(facing)
+    shape = _plane(tilted)
+    centre = shape[:, :, 3:4, 4:5]
+    pred, target = _local_only(centre + 1e-4 * (shape - centre), target_local)
+    loss, d = DistillationLoss(LossParams(alpha_global=0.0, alpha_local=0.0, gamma_conf=0.0,
+                                          alpha_normal=1.0))(pred, target)
+    loss.backward()
+    grad = pred["xyz_local"].grad
+    assert torch.isfinite(grad).all() and 0 < grad.abs().max() < 10
+    assert d["loss_normal"].item() == pytest.approx(1.0, abs=0.01)
+
+
+def test_normal_term_without_weight_is_reported_only():
+    target = _target()
+    pred = _pred_from(target, noise=0.3)
+    loss, d = DistillationLoss(LossParams())(pred, target)
+    want = 2.0 * d["loss_global"] + d["loss_local"] + 0.001 * d["loss_conf"]
+    assert d["loss_normal"] > 0 and loss.item() == want.item()
+    loss, d = DistillationLoss(LossParams(alpha_normal=0.5))(pred, target)
+    assert loss.item() == pytest.approx((want + 0.5 * d["loss_normal"]).item(), rel=1e-6)
+
+
+def test_negative_normal_weight_is_refused():
+    with pytest.raises(ValueError, match=r"alpha_normal.*must be >= 0"):
+        DistillationLoss(LossParams(alpha_normal=-1.0))
