@@ -13,6 +13,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from scipy.spatial.transform import Rotation
 
 from distill3r.config import RuntimeParams
@@ -26,7 +27,8 @@ from distill3r.training.callbacks import AtomicCheckpointIO
 from distill3r.training.data import CacheBatches, split_shards
 from distill3r.training.module import NonFiniteLossError
 from distill3r.training.run import resolve_precision, train
-from distill3r.training.schedule import build_optimizer, lr_factor, param_groups
+from distill3r.training.schedule import (build_optimizer, fused_supported, lr_factor,
+                                         param_groups)
 from training_helpers import build_tiny_cache, tiny_params, torch_threads_restored
 
 
@@ -75,8 +77,27 @@ def test_param_groups_no_decay_for_norms_biases_tokens():
         assert key in decay
     optimizer, scheduler = build_optimizer(model, 1e-3, [0.9, 0.95], 0.05, 1e-4, 2, 10)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([5e-4, 5e-4])
+    assert all(g["fused"] for g in optimizer.param_groups)  # CPU parameters: the fused kernel
     with pytest.raises(ValueError, match="min_lr"):
         build_optimizer(model, 1e-3, [0.9, 0.95], 0.05, 1e-2, 2, 10)
+
+
+def test_fused_adamw_matches_the_default_implementation():
+    """The fused kernel takes the same steps as torch's default AdamW (float rounding aside)."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 2)) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused, _ = build_optimizer(models[0], 1e-2, [0.9, 0.95], 0.05, 1e-4, 2, 10)
+    plain = torch.optim.AdamW(param_groups(models[1], 0.05), lr=5e-3, betas=(0.9, 0.95))
+    x = torch.randn(8, 6)
+    for _ in range(5):
+        for model, optimizer in ((models[0], fused), (models[1], plain)):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not fused_supported(nn.Sequential())
 
 
 def test_bf16_falls_back_to_fp32_on_cpu_without_bf16(monkeypatch):

@@ -68,9 +68,19 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) 
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def fused_supported(model: nn.Module) -> bool:
+    """Whether torch's fused AdamW (one kernel per step over all parameters, instead of a few
+    per tensor group) can run ``model``'s parameters: floating point, on a CPU or a CUDA GPU.
+    Call once the model is on its device (Lightning builds the optimiser after the move)."""
+    params = list(model.parameters())
+    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                                for p in params)
+
+
 def build_optimizer(model: nn.Module, lr: float, betas: Iterable[float], weight_decay: float,
                     min_lr: float, warmup_steps: int, total_steps: int):
-    """AdamW over :func:`param_groups` plus a per-step ``LambdaLR`` of :func:`lr_factor`.
+    """AdamW over :func:`param_groups` plus a per-step ``LambdaLR`` of :func:`lr_factor`;
+    fused where :func:`fused_supported`, else torch's default implementation.
 
     Returns ``(optimizer, scheduler)``. Raises ``ValueError`` for an inconsistent setting.
     """
@@ -81,7 +91,8 @@ def build_optimizer(model: nn.Module, lr: float, betas: Iterable[float], weight_
         raise ValueError(f"train.lr ({lr}) must be > 0 and train.min_lr ({min_lr}) in [0, lr]")
     if total_steps < 1:
         raise ValueError(f"the schedule needs at least one optimiser step, got {total_steps}")
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas,
+                                  fused=fused_supported(model) or None)
     ratio = min_lr / lr
 
     def factor(step: int) -> float:
