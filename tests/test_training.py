@@ -77,6 +77,8 @@ def test_param_groups_no_decay_for_norms_biases_tokens():
         assert key in decay
     optimizer, scheduler = build_optimizer(model, 1e-3, [0.9, 0.95], 0.05, 1e-4, 2, 10)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([5e-4, 5e-4])
+    assert not any(g["fused"] for g in optimizer.param_groups)
+    optimizer, _ = build_optimizer(model, 1e-3, [0.9, 0.95], 0.05, 1e-4, 2, 10, fused=True)
     assert all(g["fused"] for g in optimizer.param_groups)  # CPU parameters: the fused kernel
     with pytest.raises(ValueError, match="min_lr"):
         build_optimizer(model, 1e-3, [0.9, 0.95], 0.05, 1e-2, 2, 10)
@@ -87,7 +89,7 @@ def test_fused_adamw_matches_the_default_implementation():
     torch.manual_seed(0)
     models = [nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, 2)) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    fused, _ = build_optimizer(models[0], 1e-2, [0.9, 0.95], 0.05, 1e-4, 2, 10)
+    fused, _ = build_optimizer(models[0], 1e-2, [0.9, 0.95], 0.05, 1e-4, 2, 10, fused=True)
     plain = torch.optim.AdamW(param_groups(models[1], 0.05), lr=5e-3, betas=(0.9, 0.95))
     x = torch.randn(8, 6)
     for _ in range(5):
@@ -98,6 +100,30 @@ def test_fused_adamw_matches_the_default_implementation():
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not fused_supported(nn.Sequential())
+
+
+@pytest.mark.parametrize("strategy", ["auto", "ddp", "fsdp"])
+def test_module_clips_the_gradient_norm_it_logs_unless_sharded(strategy):
+    """One device and DDP: the module clips to train.grad_clip with the norm it logs (the
+    trainer does not clip, so a fused AdamW can run); FSDP and DeepSpeed: Lightning clips."""
+    from distill3r.config import LossParams, ModelParams, TrainParams
+    from distill3r.training.module import DistillModule, clips_in_module
+
+    tp = TrainParams(strategy=strategy, grad_clip=0.5)
+    module = DistillModule(ModelParams(name="micro"), LossParams(), tp)
+    logged = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    for p in module.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    before = float(torch.nn.utils.get_total_norm([p.grad for p in module.parameters()]))
+    module.on_before_optimizer_step(None)
+    after = float(torch.nn.utils.get_total_norm([p.grad for p in module.parameters()]))
+    assert logged["train/grad_norm"] == pytest.approx(before) and before > 1
+    assert clips_in_module(tp) == (strategy != "fsdp")
+    assert after == pytest.approx(0.5 if strategy != "fsdp" else before, rel=1e-4)
+    if strategy != "fsdp":  # Lightning builds FSDP trainers on GPUs only
+        trainer = run_module._trainer(tp, Path("ckpt"), [], progress=False)
+        assert trainer.gradient_clip_val is None
 
 
 def test_bf16_falls_back_to_fp32_on_cpu_without_bf16(monkeypatch):

@@ -11,6 +11,12 @@ per validation ``val/loss`` and ``val/<term>`` (sample-weighted means over every
 summary line on stdout. The validation before the first step (Lightning's sanity check, run on
 all validation batches) is logged at its step too, so every curve has a starting point.
 
+Gradients are clipped (``train.grad_clip``, by their total norm) in
+:meth:`DistillModule.on_before_optimizer_step` with the norm it logs, where every rank holds
+whole gradients (one device, DDP); sharded strategies (FSDP, DeepSpeed) leave clipping to
+Lightning. Where the module clips and no fp16 gradient scaler is in use (bf16, fp32), the
+optimiser is torch's fused AdamW (:func:`~distill3r.training.schedule.build_optimizer`).
+
 A non-finite loss or gradient stops training with :class:`NonFiniteLossError` naming the step
 and the loss terms, on every rank at once (no rank is left waiting in an all-reduce). Saving a
 checkpoint whose weights are not finite is refused, so ``last.ckpt`` always holds a usable
@@ -34,6 +40,13 @@ from distill3r.training.schedule import build_optimizer
 log = logging.getLogger(__name__)
 
 TARGET_KEYS = ("xyz_global", "xyz_local", "conf_global", "conf_local", "mask")
+# strategies whose ranks hold parameter shards, not whole gradients: Lightning clips there
+SHARDED_STRATEGIES = ("fsdp", "deepspeed")
+
+
+def clips_in_module(train: TrainParams) -> bool:
+    """Whether :class:`DistillModule` clips the gradients itself (else the trainer does)."""
+    return train.strategy not in SHARDED_STRATEGIES
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -104,6 +117,10 @@ class DistillModule(L.LightningModule):
             raise NonFiniteLossError(f"non-finite gradient norm at step {self.global_step}: "
                                      f"{float(norm)}; lower train.lr or check the cache")
         self.log("train/grad_norm", norm, on_step=True)
+        if self.train_params.grad_clip and clips_in_module(self.train_params):
+            torch.nn.utils.clip_grads_with_norm_(
+                [p for p in self.parameters() if p.grad is not None],
+                self.train_params.grad_clip, norm)
 
     def on_train_epoch_start(self) -> None:
         self._last_step_time = None
@@ -143,8 +160,11 @@ class DistillModule(L.LightningModule):
     def configure_optimizers(self):
         tp = self.train_params
         total = int(self.trainer.estimated_stepping_batches)
+        # a gradient scaler (fp16) unscales inside a fused step, after this module has clipped
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         optimizer, scheduler = build_optimizer(
-            self.student, tp.lr, tp.betas, tp.weight_decay, tp.min_lr, tp.warmup_steps, total)
+            self.student, tp.lr, tp.betas, tp.weight_decay, tp.min_lr, tp.warmup_steps, total,
+            fused=clips_in_module(tp) and scaler is None)
         per_step = (tp.batch_size * tp.accumulate_grad_batches * self.trainer.world_size)
         log.info("schedule: %d optimiser steps of %d samples, warmup %d, lr %g -> %g", total,
                  per_step, min(tp.warmup_steps, total), tp.lr, tp.min_lr)

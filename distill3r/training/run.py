@@ -48,7 +48,7 @@ from distill3r.tracking import (log_artifacts_dir, make_lightning_logger, read_r
 from distill3r.training.augment import Augmenter
 from distill3r.training.callbacks import AtomicCheckpointIO, KeyRecorder, StepPrinter, write_curves
 from distill3r.training.data import CacheDataModule, check_cache
-from distill3r.training.module import DistillModule
+from distill3r.training.module import DistillModule, clips_in_module
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,9 @@ def _trainer(tp: TrainParams, checkpoints: Path, callbacks: list, progress: bool
         accelerator=tp.accelerator, devices=tp.devices, strategy=tp.strategy,
         num_nodes=tp.num_nodes, precision=precision, max_steps=tp.max_steps, max_epochs=-1,
         accumulate_grad_batches=tp.accumulate_grad_batches,
-        gradient_clip_val=tp.grad_clip or None, gradient_clip_algorithm="norm",
+        # the module clips where ranks hold whole gradients (DistillModule)
+        gradient_clip_val=None if clips_in_module(tp) else (tp.grad_clip or None),
+        gradient_clip_algorithm="norm",
         # val_check_interval counts training *batches*; val_every_steps counts optimiser steps.
         val_check_interval=tp.val_every_steps * tp.accumulate_grad_batches,
         check_val_every_n_epoch=None, num_sanity_val_steps=-1,

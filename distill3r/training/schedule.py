@@ -78,9 +78,11 @@ def fused_supported(model: nn.Module) -> bool:
 
 
 def build_optimizer(model: nn.Module, lr: float, betas: Iterable[float], weight_decay: float,
-                    min_lr: float, warmup_steps: int, total_steps: int):
+                    min_lr: float, warmup_steps: int, total_steps: int, fused: bool = False):
     """AdamW over :func:`param_groups` plus a per-step ``LambdaLR`` of :func:`lr_factor`;
-    fused where :func:`fused_supported`, else torch's default implementation.
+    with ``fused``, torch's fused kernel where :func:`fused_supported`, else torch's default
+    implementation. A fused AdamW unscales fp16 gradients inside its step, so with a gradient
+    scaler the caller must not clip or measure gradients before it (Lightning refuses to).
 
     Returns ``(optimizer, scheduler)``. Raises ``ValueError`` for an inconsistent setting.
     """
@@ -92,7 +94,7 @@ def build_optimizer(model: nn.Module, lr: float, betas: Iterable[float], weight_
     if total_steps < 1:
         raise ValueError(f"the schedule needs at least one optimiser step, got {total_steps}")
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas,
-                                  fused=fused_supported(model) or None)
+                                  fused=(fused and fused_supported(model)) or None)
     ratio = min_lr / lr
 
     def factor(step: int) -> float:

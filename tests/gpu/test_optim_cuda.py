@@ -16,7 +16,7 @@ def test_fused_adamw_step_with_every_loss_term_on_cuda():
     device = torch.device("cuda")
     torch.manual_seed(0)
     model = build_student("tiny-pyramid-local").to(device).train()
-    optimizer, _ = build_optimizer(model, 1e-3, [0.9, 0.95], 0.01, 1e-5, 1, 10)
+    optimizer, _ = build_optimizer(model, 1e-3, [0.9, 0.95], 0.01, 1e-5, 1, 10, fused=True)
     assert all(group["fused"] for group in optimizer.param_groups)
     images = torch.rand(2, 3, 3, 112, 112, device=device)
     xyz = torch.randn(2, 3, 112, 112, 3, device=device) + torch.tensor([0.0, 0.0, 4.0],
