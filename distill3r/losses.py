@@ -40,16 +40,16 @@ pred = the student output dict, target = ``xyz_global``, ``xyz_local`` ``[B,N,H,
   ``_MIN_CAMERA_PIXELS`` valid pixels. The point terms weigh a shift of a
   whole view's global map like the same amount of per-pixel noise; poses, and above all the
   direction of the translation between nearby views, depend only on the shift, which this
-  term measures directly. Always computed and reported; with ``alpha_camera: 0`` it is
-  computed without gradient and left out of the total.
+  term measures directly. With ``alpha_camera: 0`` it is left out of the total and computed
+  only without autograd (validation, evaluation), for the report.
 - ``L_normal``: the surface orientation of the local map. A pixel's normal is the cross
   product of its horizontal and vertical central differences (the normals the evaluation's
   normal consistency compares); the term is ``1 - cos`` between the student's and the
   teacher's unit normals, weighted like the point terms, on the pixels whose four neighbours
   are valid (per-view mean, then mean over views). The point terms weigh a pixel's error,
   not its neighbour's: a surface drawn with the right depth but the wrong slope costs them
-  little. Like ``L_camera`` it is always reported, and computed without gradient when
-  ``alpha_normal`` is 0.
+  little. Like ``L_camera``, with ``alpha_normal: 0`` it is computed only without autograd,
+  for the report.
 - Invalid pixels are replaced (``torch.where``) before any arithmetic, so NaN/inf there never
   reaches the loss or its gradient. An empty mask gives a loss of exactly 0 that still depends
   on the prediction (zero gradient, no NaN).
@@ -182,7 +182,8 @@ def _log_conf(conf: torch.Tensor) -> torch.Tensor:
 class DistillationLoss(nn.Module):
     """``loss, details = DistillationLoss(params)(pred, target)``; ``details`` holds detached
     ``loss`` (weighted total), ``loss_global``, ``loss_local``, ``loss_conf``,
-    ``loss_conf_global``, ``loss_conf_local``, ``loss_camera`` and ``loss_normal``."""
+    ``loss_conf_global``, ``loss_conf_local``, and ``loss_camera`` and ``loss_normal`` where
+    their weight is positive or autograd is off (module doc)."""
 
     def __init__(self, params: LossParams) -> None:
         super().__init__()
@@ -227,13 +228,15 @@ class DistillationLoss(nn.Module):
                 terms[f"loss_conf_{head}"] = _masked_view_mean(err, valid)
             terms["loss_conf"] = 0.5 * (terms["loss_conf_global"] + terms["loss_conf_local"])
             p = self.params
-            # without its weight the camera term is only reported: no graph, and the total is
-            # bit for bit the loss without it
-            with torch.set_grad_enabled(torch.is_grad_enabled() and p.alpha_camera > 0):
+            # a term without weight is only reported, and only where autograd is off
+            # (validation, evaluation): training steps skip its cost, and the total is bit for
+            # bit the loss without it
+            recording = torch.is_grad_enabled()
+            if p.alpha_camera > 0 or not recording:
                 terms["loss_camera"] = _camera_error(
                     *(maps[head, side] for side in ("pred", "target")
                       for head in ("global", "local")), valid)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and p.alpha_normal > 0):
+            if p.alpha_normal > 0 or not recording:
                 terms["loss_normal"] = _normal_error(maps["local", "pred"],
                                                      maps["local", "target"], valid,
                                                      weights["local"])

@@ -254,7 +254,7 @@ def test_camera_term_is_the_distance_between_normalised_camera_centres():
     centre costs exactly the distance between the two normalised centres; a prediction in
     other units (local and global each rescaled) costs nothing."""
     target, centres = _rigid_target()
-    loss_fn = DistillationLoss(LossParams())
+    loss_fn = DistillationLoss(LossParams(alpha_camera=1.0))
     pred = _pred_from(target)
     pred["xyz_global"] = (target["xyz_global"] * 3.0).requires_grad_(True)
     pred["xyz_local"] = (target["xyz_local"] * 0.5).requires_grad_(True)
@@ -305,12 +305,20 @@ def test_camera_term_moves_the_global_map_only():
     assert pred["xyz_local"].grad is None or not pred["xyz_local"].grad.any()
 
 
-def test_camera_term_without_weight_is_reported_only():
+@pytest.mark.parametrize("term", ["camera", "normal"])
+def test_unweighted_terms_are_reported_without_autograd_only(term):
+    """A term of weight 0 is left out of the total; validation and evaluation (no autograd)
+    report it, training steps skip its cost."""
     target, _ = _rigid_target()
     pred = _pred_from(target, noise=0.3)
     loss, d = DistillationLoss(LossParams())(pred, target)
     want = 2.0 * d["loss_global"] + d["loss_local"] + 0.001 * d["loss_conf"]
-    assert d["loss_camera"] > 0 and loss.item() == want.item()
+    assert f"loss_{term}" not in d and loss.item() == want.item()
+    with torch.no_grad():
+        quiet, d = DistillationLoss(LossParams())(pred, target)
+    assert d[f"loss_{term}"] > 0 and quiet.item() == want.item()
+    loss, d = DistillationLoss(LossParams(**{f"alpha_{term}": 0.5}))(pred, target)
+    assert loss.item() == pytest.approx((want + 0.5 * d[f"loss_{term}"]).item(), rel=1e-6)
 
 
 def test_negative_camera_weight_is_refused():
@@ -385,16 +393,6 @@ def test_normal_term_gradient_is_bounded_on_a_collapsed_prediction():
     grad = pred["xyz_local"].grad
     assert torch.isfinite(grad).all() and 0 < grad.abs().max() < 10
     assert d["loss_normal"].item() == pytest.approx(1.0, abs=0.01)
-
-
-def test_normal_term_without_weight_is_reported_only():
-    target = _target()
-    pred = _pred_from(target, noise=0.3)
-    loss, d = DistillationLoss(LossParams())(pred, target)
-    want = 2.0 * d["loss_global"] + d["loss_local"] + 0.001 * d["loss_conf"]
-    assert d["loss_normal"] > 0 and loss.item() == want.item()
-    loss, d = DistillationLoss(LossParams(alpha_normal=0.5))(pred, target)
-    assert loss.item() == pytest.approx((want + 0.5 * d["loss_normal"]).item(), rel=1e-6)
 
 
 def test_negative_normal_weight_is_refused():
