@@ -241,8 +241,8 @@ class ModelParams:
 @dataclass
 class LossParams:
     """Confidence-aware distillation loss: ``alpha_global * L_global + alpha_local * L_local +
-    gamma_conf * L_conf + alpha_camera * L_camera + alpha_normal * L_normal``; per-pixel weights from the teacher's
-    confidence (``weighting``)."""
+    gamma_conf * L_conf + alpha_camera * L_camera + alpha_normal * L_normal``; per-pixel
+    weights from the teacher's confidence (``weighting``)."""
 
     alpha_global: float = 2.0
     alpha_local: float = 1.0
