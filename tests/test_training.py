@@ -103,7 +103,7 @@ def test_fused_adamw_matches_the_default_implementation():
 
 
 @pytest.mark.parametrize("strategy", ["auto", "ddp", "fsdp"])
-def test_module_clips_the_gradient_norm_it_logs_unless_sharded(strategy):
+def test_module_clips_the_gradient_norm_it_logs_unless_sharded(strategy, tmp_path):
     """One device and DDP: the module clips to train.grad_clip with the norm it logs (the
     trainer does not clip, so a fused AdamW can run); FSDP and DeepSpeed: Lightning clips."""
     from distill3r.config import LossParams, ModelParams, TrainParams
@@ -122,7 +122,7 @@ def test_module_clips_the_gradient_norm_it_logs_unless_sharded(strategy):
     assert clips_in_module(tp) == (strategy != "fsdp")
     assert after == pytest.approx(0.5 if strategy != "fsdp" else before, rel=1e-4)
     if strategy != "fsdp":  # Lightning builds FSDP trainers on GPUs only
-        trainer = run_module._trainer(tp, Path("ckpt"), [], progress=False)
+        trainer = run_module._trainer(tp, tmp_path / "ckpt", [], progress=False)
         assert trainer.gradient_clip_val is None
 
 
