@@ -109,18 +109,16 @@ class DistillModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads:
+        params = [p for p in self.parameters() if p.grad is not None]
+        if not params:
             return
-        norm = torch.nn.utils.get_total_norm(grads)  # before clipping
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # before clipping
         if not torch.isfinite(norm):  # gradients are all-reduced: every rank agrees
             raise NonFiniteLossError(f"non-finite gradient norm at step {self.global_step}: "
                                      f"{float(norm)}; lower train.lr or check the cache")
         self.log("train/grad_norm", norm, on_step=True)
         if self.train_params.grad_clip and clips_in_module(self.train_params):
-            torch.nn.utils.clip_grads_with_norm_(
-                [p for p in self.parameters() if p.grad is not None],
-                self.train_params.grad_clip, norm)
+            torch.nn.utils.clip_grads_with_norm_(params, self.train_params.grad_clip, norm)
 
     def on_train_epoch_start(self) -> None:
         self._last_step_time = None
