@@ -282,13 +282,13 @@ class TrainParams:
     num_nodes: int = 1
     precision: Literal["bf16-mixed", "bf16-true", "16-mixed", "16-true", "32-true",
                        "64-true"] = "bf16-mixed"
-    batch_size: int = 4
+    batch_size: int = 2
     accumulate_grad_batches: int = 1
-    max_steps: int = 2400
+    max_steps: int = 4800
     lr: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     weight_decay: float = 0.01
-    warmup_steps: int = 50
+    warmup_steps: int = 100
     min_lr: float = 2e-5
     grad_clip: float = 1.0
     seed: int = 0
@@ -296,8 +296,8 @@ class TrainParams:
     views: Optional[int] = None  # views per training sample (random subset); null: all cached
     shuffle_view0: bool = False
     color_jitter: float = 0.1
-    val_every_steps: int = 400
-    checkpoint_every_steps: int = 200
+    val_every_steps: int = 800
+    checkpoint_every_steps: int = 400
     log_every_steps: int = 10
     tracking_uri: Optional[str] = None  # null: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
     experiment: str = "distill3r"
