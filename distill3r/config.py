@@ -291,6 +291,9 @@ class TrainParams:
     warmup_steps: int = 100
     min_lr: float = 2e-5
     grad_clip: float = 1.0
+    # exponential moving average of the weights, updated every optimiser step after the warmup;
+    # validation and the saved student use it (0: off; e.g. 0.999 averages ~1000 steps)
+    ema_decay: float = 0.0
     seed: int = 0
     num_workers: int = 0
     views: Optional[int] = None  # views per training sample (random subset); null: all cached
@@ -317,7 +320,11 @@ class TrainParams:
                     ("min_lr", 0 <= self.min_lr <= self.lr, "must be in [0, lr]"),
                     ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                      "must be two numbers in [0, 1)"),
-                    ("views", self.views is None or self.views >= 1, "must be >= 1 or null")],
+                    ("views", self.views is None or self.views >= 1, "must be >= 1 or null"),
+                    ("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1) (0: off)"),
+                    ("ema_decay", not (self.ema_decay and self.strategy in ("fsdp", "deepspeed")),
+                     f"weight averaging needs whole weights on every rank, not strategy "
+                     f"{self.strategy!r}: set it to 0")],
                  self, where)
         devices_ok = (self.devices >= 1 or self.devices == -1 if isinstance(self.devices, int)
                       else re.fullmatch(r"auto|-1|\d+(,\d+)*,?", self.devices) is not None)

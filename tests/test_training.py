@@ -435,6 +435,90 @@ def test_train_logs_terms_schedule_and_saves_a_loadable_student(cache, tmp_path)
     assert student.config.name == "tiny"
 
 
+class _WeightLog(L.Callback):
+    """The student's weights at the start, after every optimiser step and at every
+    validation batch."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, list[torch.Tensor]] = {}
+        self.validated: dict[int, list[torch.Tensor]] = {}
+        self.start: list[torch.Tensor] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = [p.detach().clone() for p in pl_module.student.parameters()]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps[trainer.global_step] = [p.detach().clone() for p in
+                                           pl_module.student.parameters()]
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, *args) -> None:
+        self.validated[trainer.global_step] = [p.detach().clone() for p in
+                                               pl_module.student.parameters()]
+
+
+def _ema(weights: dict[int, list[torch.Tensor]], first: int, last: int, decay: float,
+         start: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    avg = start or weights[first]
+    for step in range(first + (start is None), last + 1):
+        avg = [decay * a + (1 - decay) * w for a, w in zip(avg, weights[step])]
+    return avg
+
+
+@pytest.mark.slow
+def test_ema_weights_are_validated_saved_and_resumed(cache, tmp_path):
+    """train.ema_decay: the average of the weights after each step from the end of the warmup
+    on is what validation runs and what training leaves in the module; a checkpoint holds the
+    average and the trained weights, and a resumed run continues both."""
+    from distill3r.training.data import CacheDataModule
+    from distill3r.training.module import DistillModule
+
+    decay = 0.6
+    params = tiny_params(_uri(tmp_path), max_steps=4, warmup_steps=1, ema_decay=decay,
+                         val_every_steps=4, checkpoint_every_steps=4)
+    tp = params.train
+
+    def fit(max_steps: int, ckpt_path=None) -> tuple[DistillModule, _WeightLog]:
+        L.seed_everything(0)
+        run_tp = dataclasses.replace(tp, max_steps=max_steps)
+        module = DistillModule(params.model, params.loss, run_tp)
+        data = CacheDataModule(cache / "train", cache / "val", tp.batch_size, seed=tp.seed)
+        weights = _WeightLog()
+        trainer = run_module._trainer(run_tp, tmp_path / "ckpt", [weights], progress=False)
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+        return module, weights
+
+    module, log = fit(4)
+    # updates after global steps 2, 3, 4 (step index >= warmup_steps): the first one copies
+    expected = _ema(log.steps, 2, 4, decay)
+    for got, want, trained in zip(module.student.parameters(), expected, log.steps[4]):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(a, b) for a, b in zip(expected, log.steps[4]))
+    for got, want in zip(log.validated[4], expected):  # validation ran on the average
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(log.validated[0], log.steps[1]):  # not the weights before any step
+        assert not torch.equal(got, want)
+
+    saved = AtomicCheckpointIO().load_checkpoint(tmp_path / "ckpt" / "last.ckpt")
+    names = [f"student.{n}" for n, _ in module.student.named_parameters()]
+    for name, want, trained in zip(names, expected, log.steps[4]):
+        torch.testing.assert_close(saved["state_dict"][name], want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(saved["current_model_state"][name], trained)
+
+    resumed, log2 = fit(6, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    for got, want in zip(log2.start, log.steps[4]):  # training goes on from the trained
+        torch.testing.assert_close(got, want)           # weights, not from the average
+    expected6 = _ema(log2.steps, 5, 6, decay, start=expected)
+    for got, want in zip(resumed.student.parameters(), expected6):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_decay_is_checked():
+    with pytest.raises(ValueError, match=r"train.ema_decay=1.0: must be in \[0, 1\)"):
+        tiny_params(ema_decay=1.0).train.validate("train")
+    with pytest.raises(ValueError, match="train.ema_decay=0.9: weight averaging needs whole"):
+        tiny_params(ema_decay=0.9, strategy="fsdp").train.validate("train")
+
+
 @pytest.mark.slow
 def test_overfitting_one_sample_divides_the_loss_by_ten(cache, tmp_path):
     base = tiny_params(_uri(tmp_path))

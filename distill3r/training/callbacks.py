@@ -9,6 +9,8 @@
   bar unless ``--no-progress``), and the per-step training curve as CSV.
 - :class:`KeyRecorder`: appends the sample keys of every training batch of this rank to
   ``<folder>/rank<R>.jsonl`` (debugging and the DDP disjointness test).
+- :class:`WeightEMA`: an exponential moving average of the weights (``train.ema_decay``) that
+  validation and the saved student use.
 - :func:`write_curves`: the validation history as CSV (``dvc plots``) and the first and final
   validation metrics as JSON (``dvc metrics``).
 """
@@ -27,6 +29,8 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import WeightAveraging
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from distill3r.atomic import replacing
 from distill3r.jsonio import write_json
@@ -114,6 +118,35 @@ def _duration(seconds: float) -> str:
     seconds = max(0, int(round(seconds)))
     h, rest = divmod(seconds, 3600)
     return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class WeightEMA(WeightAveraging):
+    """Exponential moving average of the module's weights: after every optimiser step from
+    ``start_step`` on, ``avg = decay * avg + (1 - decay) * weights`` (the first update copies
+    the weights), kept on the training device (one fused ``lerp`` over all tensors).
+
+    Lightning's :class:`~lightning.pytorch.callbacks.WeightAveraging` does the rest: every
+    validation runs on the average, the average is copied into the module when training ends
+    (so the saved student is the average), and a checkpoint holds the average as its
+    ``state_dict`` and the trained weights as ``current_model_state``, so ``--resume`` continues
+    both. Not for sharded strategies (FSDP, DeepSpeed), whose ranks hold parameter shards.
+    """
+
+    def __init__(self, decay: float, start_step: int = 0) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
+        self.decay, self.start_step = decay, int(start_step)
+
+    def should_update(self, step_idx: Optional[int] = None,
+                      epoch_idx: Optional[int] = None) -> bool:
+        return step_idx is not None and step_idx >= self.start_step
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        # setup runs before the strategy moves the module to its device: place the average
+        # there directly, not on the CPU with a device-to-host copy every step
+        self._device = trainer.strategy.root_device
+        super().setup(trainer, pl_module, stage)
 
 
 class KeyRecorder(L.Callback):

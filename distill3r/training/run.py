@@ -46,7 +46,8 @@ from distill3r.registry import ARTIFACT, register_student
 from distill3r.tracking import (log_artifacts_dir, make_lightning_logger, read_run_ref,
                                 resolve_tracking_uri, start_run, write_run_ref)
 from distill3r.training.augment import Augmenter
-from distill3r.training.callbacks import AtomicCheckpointIO, KeyRecorder, StepPrinter, write_curves
+from distill3r.training.callbacks import (AtomicCheckpointIO, KeyRecorder, StepPrinter,
+                                          WeightEMA, write_curves)
 from distill3r.training.data import CacheDataModule, check_cache
 from distill3r.training.module import DistillModule, clips_in_module
 
@@ -110,6 +111,8 @@ def clear_checkpoints(folder: Path, keep_last: bool) -> None:
 def _trainer(tp: TrainParams, checkpoints: Path, callbacks: list, progress: bool,
              step_plots: Optional[Path] = None) -> L.Trainer:
     precision = resolve_precision(tp.precision, tp.accelerator)
+    if tp.ema_decay:  # the average starts from the weights at the end of the warmup
+        callbacks = [*callbacks, WeightEMA(tp.ema_decay, start_step=tp.warmup_steps)]
     # checkpoints/last.ckpt only; step-named copies are not kept (save_top_k=0).
     checkpoint = ModelCheckpoint(dirpath=checkpoints, filename=STEP_PREFIX + "{step:08d}",
                                  every_n_train_steps=tp.checkpoint_every_steps, save_top_k=0,
