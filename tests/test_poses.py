@@ -82,6 +82,17 @@ def test_relative_pose_errors_hand_computed():
     assert rot2.max() < 1e-6 and trans2.max() < 1e-5
 
 
+def test_translation_error_is_blind_to_the_direction_sign_as_in_fast3r():
+    """Fast3R's metric compares the lines of the translations: acos(|cos|), in [0, 90]."""
+    ref = np.stack([_pose(), _pose((0, 0, 0), (1, 0, 0)), _pose((0, 0, 0), (0, 0, 1))])
+    pred = np.stack([_pose(), _pose((0, 0, 0), (-3, 0, 0)),  # reversed: 0 degrees
+                     _pose((0, 0, 0), (0, np.sin(np.radians(160)), np.cos(np.radians(160))))])
+    _, trans = relative_pose_errors(pred, ref)
+    # pairs (0,1), (0,2), (1,2): (1,2) is ref (-1, 0, 1) against pred (3, 0.34, -0.94)
+    assert trans[0] == pytest.approx(0, abs=1e-6) and trans[1] == pytest.approx(20)
+    assert 0 <= trans.min() and trans.max() <= 90
+
+
 def test_pose_metrics_hand_computed():
     m = pose_metrics(np.array([1.0, 10.0, 20.0]), np.array([2.0, 3.0, 40.0]))
     assert m["rra_5"] == pytest.approx(1 / 3) and m["rra_15"] == pytest.approx(2 / 3)

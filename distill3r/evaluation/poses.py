@@ -16,10 +16,13 @@ scale):
   and translation are the pose (its scale is dropped).
 
 Metrics over all view pairs ``i < j`` of the relative pose ``inv(c2w_i) @ c2w_j``: rotation
-error (degrees of ``R_pred^T R_ref``), translation direction error (angle between the
-translation vectors; scale-free), RRA@t / RTA@t = share of pairs under t degrees, and
-mAA(30) = mean over thresholds 1..30 degrees of the share with ``max(rot, trans) < t``.
-Shares are fractions in [0, 1].
+error (degrees of ``R_pred^T R_ref``), translation direction error (the angle between the
+lines of the two translation vectors, ``acos(|cos|)`` in [0, 90]: scale-free and blind to the
+sign, as in Fast3R's evaluation, facebookresearch/fast3r ``src/eval/cam_pose_metric.py``
+``compare_translation_by_angle``, adapted from PoseDiffusion), RRA@t / RTA@t = share of pairs
+under t degrees, and mAA(30) = mean over thresholds 1..30 degrees of the share with
+``max(rot, trans) < t`` (PoseDiffusion's ``calculate_auc_np``). Shares are fractions in
+[0, 1].
 """
 
 from __future__ import annotations
@@ -223,8 +226,10 @@ def relative_pose_errors(pred_c2w: np.ndarray, ref_c2w: np.ndarray
     Args:
         pred_c2w, ref_c2w: ``[N,4,4]`` (any world frames and scales; rigid rotations).
     Returns:
-        ``(rot_err [P], trans_err [P])`` with ``P = N (N - 1) / 2``. A zero-length translation
-        (either side) gives a 90-degree translation error unless both are zero (0 degrees).
+        ``(rot_err [P], trans_err [P])`` with ``P = N (N - 1) / 2``. The translation error is
+        the angle between the lines of the two translations, in [0, 90] (a reversed direction
+        scores 0, as in Fast3R's metric). A zero-length translation (either side) gives 90
+        degrees unless both are zero (0 degrees).
     """
     pred_c2w = np.asarray(pred_c2w, np.float64)
     ref_c2w = np.asarray(ref_c2w, np.float64)
@@ -236,7 +241,8 @@ def relative_pose_errors(pred_c2w: np.ndarray, ref_c2w: np.ndarray
     rot = _rotation_angle_deg(np.swapaxes(rel_p[:, :3, :3], 1, 2) @ rel_r[:, :3, :3])
     tp, tr = rel_p[:, :3, 3], rel_r[:, :3, 3]
     np_, nr = np.linalg.norm(tp, axis=1), np.linalg.norm(tr, axis=1)
-    trans = np.degrees(np.arctan2(np.linalg.norm(np.cross(tp, tr), axis=1), (tp * tr).sum(1)))
+    trans = np.degrees(np.arctan2(np.linalg.norm(np.cross(tp, tr), axis=1),
+                                  np.abs((tp * tr).sum(1))))
     one_zero = (np_ < 1e-9) != (nr < 1e-9)
     trans = np.where(one_zero, 90.0, np.where((np_ < 1e-9) & (nr < 1e-9), 0.0, trans))
     return rot, trans
