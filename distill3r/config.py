@@ -270,6 +270,9 @@ class LossParams:
                   ("conf_scale", self.conf_scale > 0, "must be > 0"),
                   ("w_min", 0.0 <= self.w_min <= 1.0, "must be in [0, 1]")], self, where)
 
+# strategies whose ranks hold parameter shards, not whole weights and gradients
+SHARDED_STRATEGIES = ("fsdp", "deepspeed")
+
 
 @dataclass
 class TrainParams:
@@ -322,7 +325,7 @@ class TrainParams:
                      "must be two numbers in [0, 1)"),
                     ("views", self.views is None or self.views >= 1, "must be >= 1 or null"),
                     ("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1) (0: off)"),
-                    ("ema_decay", not (self.ema_decay and self.strategy in ("fsdp", "deepspeed")),
+                    ("ema_decay", not (self.ema_decay and self.strategy in SHARDED_STRATEGIES),
                      f"weight averaging needs whole weights on every rank, not strategy "
                      f"{self.strategy!r}: set it to 0")],
                  self, where)

@@ -136,7 +136,7 @@ class WeightEMA(WeightAveraging):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
-        self.decay, self.start_step = decay, int(start_step)
+        self.start_step = int(start_step)
 
     def should_update(self, step_idx: Optional[int] = None,
                       epoch_idx: Optional[int] = None) -> bool:

@@ -32,7 +32,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 
-from distill3r.config import LossParams, ModelParams, TrainParams, to_dict
+from distill3r.config import SHARDED_STRATEGIES, LossParams, ModelParams, TrainParams, to_dict
 from distill3r.losses import DistillationLoss
 from distill3r.models import build_student
 from distill3r.training.schedule import build_optimizer
@@ -40,12 +40,11 @@ from distill3r.training.schedule import build_optimizer
 log = logging.getLogger(__name__)
 
 TARGET_KEYS = ("xyz_global", "xyz_local", "conf_global", "conf_local", "mask")
-# strategies whose ranks hold parameter shards, not whole gradients: Lightning clips there
-SHARDED_STRATEGIES = ("fsdp", "deepspeed")
 
 
 def clips_in_module(train: TrainParams) -> bool:
-    """Whether :class:`DistillModule` clips the gradients itself (else the trainer does)."""
+    """Whether :class:`DistillModule` clips the gradients itself; with a sharded strategy
+    (ranks hold parameter shards, not whole gradients) the trainer does."""
     return train.strategy not in SHARDED_STRATEGIES
 
 
