@@ -254,8 +254,8 @@ def test_xyz_activation_is_safe_at_zero():
 def test_config_registry_and_strict_round_trip():
     assert set(MODEL_CONFIGS) == {"paper", "tiny", "tiny-lite", "tiny-fine", "tiny-pose",
                                   "tiny-conv", "tiny-skip", "tiny-hybrid", "tiny-pyramid",
-                                  "tiny-pyramid-local", "tiny-deep", "micro",
-                                  "fast3r-large"}
+                                  "tiny-pyramid-local", "tiny-deep", "tiny-fine-pyramid",
+                                  "micro", "fast3r-large"}
     for name in MODEL_CONFIGS:
         cfg = get_config(name)
         assert StudentConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg

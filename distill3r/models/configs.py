@@ -50,6 +50,9 @@ Named variants (``MODEL_CONFIGS`` / :func:`get_config`):
   relative to each other, at little cost (the decoder runs on 64 tokens per view; 1.03x
   ``tiny-pyramid-local``'s training time). On the demo (two seeds): the same validation
   loss, slightly better poses, a worse global-head map (README "Results").
+- ``tiny-fine-pyramid``: ``tiny-pyramid-local`` with 8-pixel patches (the token grid of
+  ``tiny-fine``, the local head's pyramid of ``tiny-pyramid-local``; about 2.6x
+  ``tiny-pyramid-local``'s training step time).
 - ``micro``: a ~1.7M model with the same structure (width 96, 4 encoder and 3 decoder blocks,
   narrower DPT heads): the student of the learned-teacher study (``studies/distill``), whose
   teacher is a ``tiny``.
@@ -232,6 +235,10 @@ def _tiny_deep() -> StudentConfig:
                                hooks=[0, 3, 4, 6])
 
 
+def _tiny_fine_pyramid() -> StudentConfig:
+    return dataclasses.replace(_tiny_pyramid_local(), name="tiny-fine-pyramid", patch_size=8)
+
+
 def _micro() -> StudentConfig:
     return StudentConfig(
         name="micro", patch_size=14, img_size=112,
@@ -254,6 +261,7 @@ _FACTORIES = {"paper": _paper, "tiny": _tiny, "tiny-lite": _tiny_lite, "tiny-fin
               "tiny-pose": _tiny_pose, "tiny-conv": _tiny_conv,
               "tiny-skip": _tiny_skip, "tiny-hybrid": _tiny_hybrid, "tiny-pyramid": _tiny_pyramid,
               "tiny-pyramid-local": _tiny_pyramid_local, "tiny-deep": _tiny_deep,
+              "tiny-fine-pyramid": _tiny_fine_pyramid,
               "micro": _micro,
               "fast3r-large": _fast3r_large}
 MODEL_CONFIGS: dict[str, StudentConfig] = {name: make() for name, make in _FACTORIES.items()}
