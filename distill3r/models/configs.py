@@ -51,8 +51,9 @@ Named variants (``MODEL_CONFIGS`` / :func:`get_config`):
   ``tiny-pyramid-local``'s training time). On the demo (two seeds): the same validation
   loss, slightly better poses, a worse global-head map (README "Results").
 - ``tiny-fine-pyramid``: ``tiny-pyramid-local`` with 8-pixel patches (the token grid of
-  ``tiny-fine``, the local head's pyramid of ``tiny-pyramid-local``; about 2.6x
-  ``tiny-pyramid-local``'s training step time).
+  ``tiny-fine``, the local head's pyramid of ``tiny-pyramid-local``; 6.4M parameters, about
+  2.6x ``tiny-pyramid-local``'s step time). On the demo (two seeds) better depth and poses
+  than ``tiny-pyramid-local`` for 2.1x its training time (README "Results").
 - ``micro``: a ~1.7M model with the same structure (width 96, 4 encoder and 3 decoder blocks,
   narrower DPT heads): the student of the learned-teacher study (``studies/distill``), whose
   teacher is a ``tiny``.
