@@ -271,6 +271,7 @@ class LossParams:
                   ("conf_scale", self.conf_scale > 0, "must be > 0"),
                   ("w_min", 0.0 <= self.w_min <= 1.0, "must be in [0, 1]")], self, where)
 
+
 # strategies whose ranks hold parameter shards, not whole weights and gradients
 SHARDED_STRATEGIES = ("fsdp", "deepspeed")
 

@@ -31,7 +31,7 @@ def test_bf16_training_step_on_one_gpu(tmp_path, report):
                           "peak_mb": torch.cuda.max_memory_allocated() / 2**20})
 
 
-def test_weight_average_lives_on_the_gpu_and_is_saved(tmp_path):
+def test_weight_average_lives_on_the_gpu_and_is_saved(tmp_path, monkeypatch):
     """train.ema_decay on CUDA: the average is kept on the device (no per-step copy to the
     host) and the saved student is the average, not the last weights."""
     from distill3r.training.callbacks import AtomicCheckpointIO, WeightEMA
@@ -46,11 +46,8 @@ def test_weight_average_lives_on_the_gpu_and_is_saved(tmp_path):
         original(self, trainer, pl_module, *args)
         if self._average_model is not None:
             seen["device"] = next(self._average_model.parameters()).device
-    WeightEMA.on_train_batch_end = spy
-    try:
-        result = train(params, cache, tmp_path / "student", tmp_path / "ckpt")
-    finally:
-        WeightEMA.on_train_batch_end = original
+    monkeypatch.setattr(WeightEMA, "on_train_batch_end", spy)
+    result = train(params, cache, tmp_path / "student", tmp_path / "ckpt")
     assert seen["device"].type == "cuda"
     saved = AtomicCheckpointIO().load_checkpoint(tmp_path / "ckpt" / "last.ckpt")
     average, trained = saved["state_dict"], saved["current_model_state"]
