@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -149,14 +151,19 @@ def test_threads_explicit_or_split_between_cpu_ranks():
         RuntimeParams(threads=0).validate()
 
 
-def test_wait_policy_passive_only_on_a_busy_machine(monkeypatch):
+def test_wait_policy_passive_only_on_a_busy_machine(monkeypatch, caplog):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.setattr(runtime, "busy_cores", lambda: 0)
-    assert runtime.configure_environment(RuntimeParams()) is None  # quiet: OpenMP's default
-    assert "OMP_WAIT_POLICY" not in runtime.os.environ
+    with caplog.at_level(logging.WARNING, logger="distill3r.runtime"):
+        assert runtime.configure_environment(RuntimeParams()) is None  # quiet: OpenMP's default
+    assert "OMP_WAIT_POLICY" not in runtime.os.environ and not caplog.records
     monkeypatch.setattr(runtime, "busy_cores", lambda: 1)
-    assert runtime.configure_environment(RuntimeParams()) == "PASSIVE"
+    with caplog.at_level(logging.WARNING, logger="distill3r.runtime"):
+        assert runtime.configure_environment(RuntimeParams()) == "PASSIVE"
     assert runtime.os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    # a slow run must say why: the busy count and the setting that overrides the choice
+    assert "1 other runnable task(s)" in caplog.text
+    assert "runtime.omp_wait_policy: active" in caplog.text
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the environment wins
     assert runtime.configure_environment(RuntimeParams(omp_wait_policy="passive")) == "ACTIVE"
     monkeypatch.delenv("OMP_WAIT_POLICY")
@@ -420,6 +427,9 @@ def test_train_logs_terms_schedule_and_saves_a_loadable_student(cache, tmp_path)
     assert sorted(history("val/loss")) == [0, 2, 4] and history("val/loss_global")
     run = client.get_run(run_id)
     assert run.data.params["train.lr"] == "0.001" and run.data.tags["cache.fingerprint"]
+    # the policy the run's speed depends on (pytest's process: none set, or the environment's)
+    assert run.data.tags["runtime.omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY",
+                                                                      "default")
     assert {a.path for a in client.list_artifacts(run_id, "student")} == \
         {"student/model.safetensors", "student/config.json"}
     assert (tmp_path / "curve.csv").read_text().startswith("step,loss,")

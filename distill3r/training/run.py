@@ -135,16 +135,16 @@ def _trainer(tp: TrainParams, checkpoints: Path, callbacks: list, progress: bool
 
 
 def _tracked_run(rank0: bool, params: Params, tracking_uri: str, checkpoints: Path,
-                 ckpt_path: Optional[Path], cache_tags: dict[str, str]):
+                 ckpt_path: Optional[Path], tags: dict[str, str]):
     """The MLflow run on rank 0 (the resumed checkpoint's run when there is one, else a new
-    run with every param), a no-op context on the other ranks."""
+    run with every param), with ``tags`` set; a no-op context on the other ranks."""
     if not rank0:
         return contextlib.nullcontext()
     tp = params.train
     run_id = _previous_run(checkpoints, ckpt_path, tracking_uri)
     return start_run(None if run_id else params, tracking_uri, tp.experiment,
                      run_name=run_name(params),
-                     tags=cache_tags, system_metrics=tp.system_metrics,
+                     tags=tags, system_metrics=tp.system_metrics,
                      run_id=run_id)
 
 
@@ -211,8 +211,10 @@ def train(params: Params, cache_dir: str | Path, out_dir: str | Path,
     trainer = _trainer(tp, checkpoints, callbacks, progress,
                        None if step_plots is None else Path(step_plots))
     data.check_world(trainer.world_size)
-    log.info("rank %d of %d, %d torch thread(s)", trainer.global_rank, trainer.world_size,
-             set_threads(params.runtime, trainer))
+    # the OpenMP wait policy changes the speed (not the results): with the run's time
+    wait = os.environ.get("OMP_WAIT_POLICY", "default")
+    log.info("rank %d of %d, %d torch thread(s), OpenMP wait policy %s", trainer.global_rank,
+             trainer.world_size, set_threads(params.runtime, trainer), wait)
     ckpt_path = checkpoints / LAST if resume and (checkpoints / LAST).is_file() else None
     if resume and ckpt_path is None:
         warnings.warn(f"--resume: {checkpoints / LAST} not found, starting from scratch",
@@ -221,7 +223,8 @@ def train(params: Params, cache_dir: str | Path, out_dir: str | Path,
     if rank0:
         clear_checkpoints(checkpoints, keep_last=ckpt_path is not None)
     tracking_uri = resolve_tracking_uri(tp.tracking_uri)
-    with _tracked_run(rank0, params, tracking_uri, checkpoints, ckpt_path, cache_tags) as active:
+    run_tags = {**cache_tags, "runtime.omp_wait_policy": wait}
+    with _tracked_run(rank0, params, tracking_uri, checkpoints, ckpt_path, run_tags) as active:
         if rank0:
             write_run_ref(checkpoints / RUN_FILE, active, tracking_uri)
             trainer.loggers = [make_lightning_logger(tracking_uri, tp.experiment,
