@@ -304,7 +304,7 @@ class TrainParams:
     views: Optional[int] = None  # views per training sample (random subset); null: all cached
     shuffle_view0: bool = False
     color_jitter: float = 0.1
-    val_every_steps: int = 800
+    val_every_steps: int = 1600
     checkpoint_every_steps: int = 400
     log_every_steps: int = 10
     tracking_uri: Optional[str] = None  # null: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db

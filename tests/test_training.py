@@ -445,6 +445,22 @@ def test_train_logs_terms_schedule_and_saves_a_loadable_student(cache, tmp_path)
     assert student.config.name == "tiny"
 
 
+def test_trained_weights_do_not_depend_on_how_often_training_validates(cache, tmp_path):
+    # the decoder draws random image indices from torch's global RNG while training; a
+    # validation pass must not move that stream (a DataLoader without its own generator
+    # draws a seed from it whenever an iterator starts)
+    weights = []
+    for every in (6, 2):
+        params = tiny_params(_uri(tmp_path), max_steps=6, val_every_steps=every,
+                             registered_model=None)
+        result = train(params, cache, tmp_path / f"student{every}", tmp_path / f"ckpt{every}")
+        assert [row["step"] for row in result.val_history] == list(range(0, 7, every))
+        weights.append(result.student.state_dict())
+    assert weights[0].keys() == weights[1].keys()
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
+
+
 class _WeightLog(L.Callback):
     """The student's weights at the start, after every optimiser step and at every
     validation batch."""

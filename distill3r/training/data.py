@@ -27,6 +27,11 @@ and the at most ``T - W * B * b`` samples left out change every epoch.
 - validation: shards in index order, ``offset = 0``, no shuffle; every rank gets
   ``ceil(T / W)`` positions (wrapping around to the start to pad), in the last batch possibly
   fewer than ``b``, so all ranks run the same number of batches in a fixed order.
+
+Every DataLoader has its own seeded ``generator``: starting an iterator draws the workers' base
+seed from it, and drawn from torch's global RNG (the default) each validation pass would shift
+the stream the student's random image indices come from, so the trained weights would depend on
+how often training validates.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Callable, Iterator, Optional
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.accelerators import CUDAAccelerator
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -220,10 +226,12 @@ class CacheDataModule(L.LightningDataModule):
         return len(CacheBatches(self.train_shards, self.batch_size, 0, world_size,
                                 accumulate=self.accumulate))
 
-    def _loader(self, dataset: CacheBatches) -> DataLoader:
+    def _loader(self, dataset: CacheBatches, *seed: int) -> DataLoader:
         pin = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
+        state = np.random.SeedSequence([self.seed, *seed]).generate_state(2, np.uint32)
+        generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                          pin_memory=pin)
+                          pin_memory=pin, generator=generator)
 
     def _rank(self) -> tuple[int, int]:
         return (0, 1) if self.trainer is None else (self.trainer.global_rank,
@@ -238,9 +246,9 @@ class CacheDataModule(L.LightningDataModule):
         if self.trainer is not None:  # resumed mid-epoch: skip the batches already trained on
             done = self.trainer.global_step * self.accumulate - epoch * len(dataset)
             dataset.skip_batches = done if 0 < done < len(dataset) else 0
-        return self._loader(dataset)
+        return self._loader(dataset, 0, epoch)
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank()
         return self._loader(CacheBatches(self.val_shards, self.batch_size, rank, world,
-                                         train=False, seed=self.seed))
+                                         train=False, seed=self.seed), 1)
