@@ -211,7 +211,7 @@ def train(params: Params, cache_dir: str | Path, out_dir: str | Path,
     trainer = _trainer(tp, checkpoints, callbacks, progress,
                        None if step_plots is None else Path(step_plots))
     data.check_world(trainer.world_size)
-    # the OpenMP wait policy changes the speed (not the results): with the run's time
+    # the OpenMP wait policy sets the speed, never the results: logged and tagged with the run
     wait = os.environ.get("OMP_WAIT_POLICY", "default")
     log.info("rank %d of %d, %d torch thread(s), OpenMP wait policy %s", trainer.global_rank,
              trainer.world_size, set_threads(params.runtime, trainer), wait)
