@@ -461,6 +461,44 @@ def test_trained_weights_do_not_depend_on_how_often_training_validates(cache, tm
         assert torch.equal(value, weights[1][name]), name
 
 
+class _StopAt(L.Callback):
+    """Ends training after optimiser step ``step``, as an interruption would (``last.ckpt``
+    holds that step)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def test_a_resumed_run_trains_the_weights_of_the_uninterrupted_one(cache, tmp_path):
+    # mid-epoch (7 batches per epoch), with the decoder's random image indices drawn every
+    # step: the data order, optimiser, schedule and RNG state all have to continue
+    from distill3r.training.data import CacheDataModule
+    from distill3r.training.module import DistillModule
+
+    tp = tiny_params(max_steps=6, val_every_steps=6, checkpoint_every_steps=2).train
+    model, loss = tiny_params().model, tiny_params().loss
+
+    def fit(folder: Path, callbacks: list, ckpt_path=None) -> tuple[DistillModule, int]:
+        L.seed_everything(0)
+        module = DistillModule(model, loss, tp)
+        data = CacheDataModule(cache / "train", cache / "val", tp.batch_size, seed=tp.seed)
+        trainer = run_module._trainer(tp, folder, callbacks, progress=False)
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+        return module, trainer.global_step
+
+    straight, steps = fit(tmp_path / "straight", [])
+    _, stopped = fit(tmp_path / "killed", [_StopAt(4)])
+    resumed, resumed_steps = fit(tmp_path / "killed", [], tmp_path / "killed" / "last.ckpt")
+    assert (steps, stopped, resumed_steps) == (6, 4, 6)
+    for (name, a), b in zip(straight.student.state_dict().items(),
+                            resumed.student.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 class _WeightLog(L.Callback):
     """The student's weights at the start, after every optimiser step and at every
     validation batch."""

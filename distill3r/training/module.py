@@ -21,6 +21,10 @@ A non-finite loss or gradient stops training with :class:`NonFiniteLossError` na
 and the loss terms, on every rank at once (no rank is left waiting in an all-reduce). Saving a
 checkpoint whose weights are not finite is refused, so ``last.ckpt`` always holds a usable
 state.
+
+A checkpoint also holds torch's global RNG state (the CPU generator and, where training runs on
+CUDA, the device's), from which the decoder draws its random image indices every training step;
+a resumed run restores it, so it trains the same weights as the run that was not interrupted.
 """
 
 from __future__ import annotations
@@ -178,6 +182,7 @@ class DistillModule(L.LightningModule):
                                    "loss": to_dict(self.loss_params),
                                    "train": to_dict(self.train_params), **self.run_info}
         checkpoint["distill3r_val_history"] = list(self.val_history)
+        checkpoint["distill3r_rng"] = _rng_state(self.trainer.strategy.root_device)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("distill3r", {})
@@ -189,3 +194,20 @@ class DistillModule(L.LightningModule):
                              f"(saved {[saved[k] for k in diff]}, now {[mine[k] for k in diff]});"
                              f" train without --resume to start over")
         self.val_history = list(checkpoint.get("distill3r_val_history", []))
+        # Lightning restores before it moves the module to its device: ask the strategy
+        if "distill3r_rng" in checkpoint:  # absent from checkpoints of earlier versions
+            _set_rng_state(checkpoint["distill3r_rng"], self.trainer.strategy.root_device)
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """Torch's global RNG state: ``cpu`` and, on a CUDA device, ``cuda`` (that device's)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

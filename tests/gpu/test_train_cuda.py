@@ -57,6 +57,32 @@ def test_weight_average_lives_on_the_gpu_and_is_saved(tmp_path, monkeypatch):
                for n, _ in named)
 
 
+def test_a_resume_restores_the_cuda_rng_state_of_the_checkpoint(tmp_path, monkeypatch):
+    """The decoder draws its random image indices on the GPU: a checkpoint holds the CUDA
+    generator's state and a resumed run starts its first step from it."""
+    from distill3r.training.callbacks import AtomicCheckpointIO
+    from distill3r.training.module import DistillModule
+
+    params = _gpu_params(tmp_path, devices=1, max_steps=2, val_every_steps=2,
+                         checkpoint_every_steps=2)
+    cache = build_tiny_cache(tmp_path, params)
+    train(params, cache, tmp_path / "student", tmp_path / "ckpt")
+    saved = AtomicCheckpointIO().load_checkpoint(tmp_path / "ckpt" / "last.ckpt")
+    assert set(saved["distill3r_rng"]) == {"cpu", "cuda"}
+    seen = []
+
+    def first_batch(self, batch, batch_idx):
+        if not seen:
+            seen.append((torch.get_rng_state(), torch.cuda.get_rng_state()))
+    monkeypatch.setattr(DistillModule, "on_train_batch_start", first_batch)
+    torch.cuda.manual_seed(12345)  # anything but the saved state
+    result = train(params, cache, tmp_path / "student2", tmp_path / "ckpt", resume=True,
+                   max_steps=3)
+    assert result.global_step == 3
+    assert torch.equal(seen[0][0], saved["distill3r_rng"]["cpu"])
+    assert torch.equal(seen[0][1], saved["distill3r_rng"]["cuda"])
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_ddp_on_two_gpus_through_the_stage(tmp_path):
     params = _gpu_params(tmp_path, devices=2, strategy="ddp", batch_size=2, max_steps=4,
