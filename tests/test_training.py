@@ -473,27 +473,32 @@ class _StopAt(L.Callback):
             trainer.should_stop = True
 
 
-def test_a_resumed_run_trains_the_weights_of_the_uninterrupted_one(cache, tmp_path):
-    # mid-epoch (7 batches per epoch), with the decoder's random image indices drawn every
-    # step: the data order, optimiser, schedule and RNG state all have to continue
+def _fit(cache: Path, params, folder: Path, callbacks: list, ckpt_path=None):
+    """Lightning's fit of the run's module and trainer (``params``; seed 0, no MLflow) with
+    extra ``callbacks``, checkpoints in ``folder``; returns ``(module, trainer)``."""
     from distill3r.training.data import CacheDataModule
     from distill3r.training.module import DistillModule
 
-    tp = tiny_params(max_steps=6, val_every_steps=6, checkpoint_every_steps=2).train
-    model, loss = tiny_params().model, tiny_params().loss
+    tp = params.train
+    L.seed_everything(0)
+    module = DistillModule(params.model, params.loss, tp)
+    data = CacheDataModule(cache / "train", cache / "val", tp.batch_size, seed=tp.seed)
+    trainer = run_module._trainer(tp, folder, callbacks, progress=False)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    return module, trainer
 
-    def fit(folder: Path, callbacks: list, ckpt_path=None) -> tuple[DistillModule, int]:
-        L.seed_everything(0)
-        module = DistillModule(model, loss, tp)
-        data = CacheDataModule(cache / "train", cache / "val", tp.batch_size, seed=tp.seed)
-        trainer = run_module._trainer(tp, folder, callbacks, progress=False)
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
-        return module, trainer.global_step
 
-    straight, steps = fit(tmp_path / "straight", [])
-    _, stopped = fit(tmp_path / "killed", [_StopAt(4)])
-    resumed, resumed_steps = fit(tmp_path / "killed", [], tmp_path / "killed" / "last.ckpt")
-    assert (steps, stopped, resumed_steps) == (6, 4, 6)
+def test_a_resumed_run_trains_the_weights_of_the_uninterrupted_one(cache, tmp_path):
+    # mid-epoch (7 batches per epoch), with the decoder's random image indices drawn every
+    # step: the data order, optimiser, schedule and RNG state all have to continue
+    params = tiny_params(max_steps=6, val_every_steps=6, checkpoint_every_steps=2)
+    straight, trainer = _fit(cache, params, tmp_path / "straight", [])
+    steps = trainer.global_step
+    _, trainer = _fit(cache, params, tmp_path / "killed", [_StopAt(4)])
+    stopped = trainer.global_step
+    resumed, trainer = _fit(cache, params, tmp_path / "killed", [],
+                            tmp_path / "killed" / "last.ckpt")
+    assert (steps, stopped, trainer.global_step) == (6, 4, 6)
     for (name, a), b in zip(straight.student.state_dict().items(),
                             resumed.student.state_dict().values()):
         assert torch.equal(a, b), name
@@ -533,22 +538,15 @@ def test_ema_weights_are_validated_saved_and_resumed(cache, tmp_path):
     """train.ema_decay: the average of the weights after each step from the end of the warmup
     on is what validation runs and what training leaves in the module; a checkpoint holds the
     average and the trained weights, and a resumed run continues both."""
-    from distill3r.training.data import CacheDataModule
-    from distill3r.training.module import DistillModule
-
     decay = 0.6
     params = tiny_params(_uri(tmp_path), max_steps=4, warmup_steps=1, ema_decay=decay,
                          val_every_steps=4, checkpoint_every_steps=4)
-    tp = params.train
 
-    def fit(max_steps: int, ckpt_path=None) -> tuple[DistillModule, _WeightLog]:
-        L.seed_everything(0)
-        run_tp = dataclasses.replace(tp, max_steps=max_steps)
-        module = DistillModule(params.model, params.loss, run_tp)
-        data = CacheDataModule(cache / "train", cache / "val", tp.batch_size, seed=tp.seed)
+    def fit(max_steps: int, ckpt_path=None):
+        run = dataclasses.replace(params, train=dataclasses.replace(params.train,
+                                                                    max_steps=max_steps))
         weights = _WeightLog()
-        trainer = run_module._trainer(run_tp, tmp_path / "ckpt", [weights], progress=False)
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+        module, _ = _fit(cache, run, tmp_path / "ckpt", [weights], ckpt_path)
         return module, weights
 
     module, log = fit(4)

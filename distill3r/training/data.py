@@ -50,6 +50,7 @@ from distill3r.cache.reader import (Shard, check_compatible, check_same_build, c
                                     decode_sample, read_range, split_shards)
 from distill3r.config import Params
 from distill3r.models import get_config
+from distill3r.seeding import stable_seed
 from distill3r.teachers import get_teacher
 
 __all__ = ["Shard", "split_shards", "read_range", "shuffled", "check_cache", "CacheBatches",
@@ -226,10 +227,9 @@ class CacheDataModule(L.LightningDataModule):
         return len(CacheBatches(self.train_shards, self.batch_size, 0, world_size,
                                 accumulate=self.accumulate))
 
-    def _loader(self, dataset: CacheBatches, *seed: int) -> DataLoader:
+    def _loader(self, dataset: CacheBatches, *stream: int | str) -> DataLoader:
         pin = self.trainer is not None and isinstance(self.trainer.accelerator, CUDAAccelerator)
-        state = np.random.SeedSequence([self.seed, *seed]).generate_state(2, np.uint32)
-        generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        generator = torch.Generator().manual_seed(stable_seed("loader", self.seed, *stream))
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
                           pin_memory=pin, generator=generator)
 
@@ -246,9 +246,9 @@ class CacheDataModule(L.LightningDataModule):
         if self.trainer is not None:  # resumed mid-epoch: skip the batches already trained on
             done = self.trainer.global_step * self.accumulate - epoch * len(dataset)
             dataset.skip_batches = done if 0 < done < len(dataset) else 0
-        return self._loader(dataset, 0, epoch)
+        return self._loader(dataset, "train", epoch)
 
     def val_dataloader(self) -> DataLoader:
         rank, world = self._rank()
         return self._loader(CacheBatches(self.val_shards, self.batch_size, rank, world,
-                                         train=False, seed=self.seed), 1)
+                                         train=False, seed=self.seed), "val")
