@@ -190,12 +190,13 @@ def test_eval_view_indices_are_the_mean_of_the_training_draws(tiny):
     decoder.train()
     torch.manual_seed(0)
     for views in (2, 4, 7):
-        drawn = decoder.view_indices(4000, views, torch.device("cpu")).double().mean(0)
+        drawn = decoder.view_indices(20000, views, torch.device("cpu")).double().mean(0)
         decoder.eval()
         got = decoder.view_indices(1, views, torch.device("cpu"))[0].double()
         decoder.train()
-        # the draw's standard error is under 5 at 4000 samples; rounding adds 0.5
-        assert (got - drawn).abs().max() < 6, (views, got, drawn)
+        # an index's spread is at most ~290 (uniform on 1..999), so its mean over 20000
+        # draws is within ~2 of the expectation; 4 of those, plus 0.5 of rounding
+        assert (got - drawn).abs().max() < 8.5, (views, got, drawn)
         assert got[1] > 100  # not 1, 2, 3...: where training almost never puts view 1
 
 
