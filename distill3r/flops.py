@@ -25,7 +25,8 @@ Layer by layer (see ``distill3r/models``), for ``V = B*N`` views of ``H x W`` pi
   ``dpt_image_blocks = b > 0`` the pyramid instead: a 3x3 conv ``3 -> d`` at ``8h x 8w``,
   stages ``k = 0..3`` of width ``d 2^k`` at ``8h/2^k x 8w/2^k`` (a 3x3 stride-2 conv from the
   previous stage for ``k > 0``, ``b`` residual units of two 3x3 convs, a 1x1 projection to
-  ``feature_dim``);
+  ``feature_dim``); with ``dpt_image_full = f > 0`` also two 3x3 convs ``3 -> f -> f`` and a
+  1x1 projection to ``last_dim`` at ``H x W``;
 - with ``global_head: pose`` the global head is an MLP ``dec_dim -> dec_dim -> 10`` on each
   view's pooled tokens (the composition ``s R x + t`` is elementwise work, not counted).
 """
@@ -106,6 +107,10 @@ def dpt_head_flops(cfg: StudentConfig, views: int, height: int, width: int,
             if k:
                 flops += _conv(pixels, dim // 2, dim, 3)
             flops += 2 * blocks * _conv(pixels, dim, dim, 3) + _conv(pixels, dim, feat, 1)
+    full = cfg.dpt_image_full if d else 0
+    if full:
+        flops += _conv(height * width, 3, full, 3) + _conv(height * width, full, full, 3)
+        flops += _conv(height * width, full, last, 1)
     flops += _conv(64 * h * w, feat, last, 3)
     flops += _conv(height * width, last, last, 3) + _conv(height * width, last, 4, 1)
     return views * flops

@@ -36,6 +36,7 @@ def _counted_flops(name: str, batch: int, views: int, height: int, width: int) -
     ("tiny-skip", 2, 2, 42, 70),  # DPT heads with an image branch
     ("tiny-pyramid", 1, 3, 42, 70),  # the image branch as a conv pyramid, odd grid
     ("tiny-pyramid-local", 1, 2, 42, 56),  # ... in the local head only
+    ("tiny-pyramid-full", 1, 2, 42, 56),  # ... plus the full-resolution image branch
     ("tiny-deep", 2, 2, 42, 42),  # a 6-block decoder, hooks [0, 3, 4, 6]
 ])
 def test_analytic_flops_match_flop_counter(name, batch, views, height, width):

@@ -283,8 +283,8 @@ def test_xyz_activation_is_safe_at_zero():
 def test_config_registry_and_strict_round_trip():
     assert set(MODEL_CONFIGS) == {"paper", "tiny", "tiny-lite", "tiny-fine", "tiny-pose",
                                   "tiny-conv", "tiny-skip", "tiny-hybrid", "tiny-pyramid",
-                                  "tiny-pyramid-local", "tiny-deep", "tiny-fine-pyramid",
-                                  "micro", "fast3r-large"}
+                                  "tiny-pyramid-local", "tiny-pyramid-full", "tiny-deep",
+                                  "tiny-fine-pyramid", "micro", "fast3r-large"}
     for name in MODEL_CONFIGS:
         cfg = get_config(name)
         assert StudentConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
@@ -514,6 +514,49 @@ def test_image_pyramid_in_the_local_head_only():
                                      keys=("xyz_global", "xyz_local", "conf_local"), seed=6)
     with pytest.raises(ValueError, match="unknown dpt_image_heads 'global'"):
         dataclasses.replace(get_config("tiny-pyramid"), dpt_image_heads="global")
+
+
+def test_full_resolution_image_branch_sharpens_the_output_stage(tmp_path):
+    """``tiny-pyramid-full``: ``tiny-pyramid-local`` whose local head also sees the pixels at the
+    output size. It starts silent; once switched on, a one-pixel change of the image moves the
+    output within the branch's 7x7 receptive field (two 3x3 convs, then the output stage's 3x3
+    conv), where the pyramid alone, which starts from the image resized to 8/14 of its size,
+    spreads it over the whole coarse grid."""
+    full, local = get_config("tiny-pyramid-full"), get_config("tiny-pyramid-local")
+    assert dataclasses.replace(full, name="tiny-pyramid-local", dpt_image_full=0) == local
+    torch.manual_seed(0)
+    model = build_student("tiny-pyramid-full").eval()
+    head = model.head_local
+    assert model.head_global.image_projections() == []
+    assert head.image_projections()[-1] is head.full_to_out
+    assert float(head.full_to_out.weight.abs().sum()) == 0
+    tokens = [torch.randn(2, 2 * 4, 192) for _ in range(4)]
+    a = _images(1, 2, 28, 56, seed=1)[0]
+    b = a.clone()
+    b[:, :, 14, 30] = 1.0 - b[:, :, 14, 30]
+    with torch.no_grad():
+        for conv in head.image_projections()[:-1]:
+            conv.weight.zero_()  # only the full-resolution branch sees the pixels
+        torch.testing.assert_close(head(tokens, (2, 4), (28, 56), a),
+                                   head(tokens, (2, 4), (28, 56), b))
+        head.full_to_out.weight.normal_(0.0, 0.3)
+        moved = (head(tokens, (2, 4), (28, 56), a) - head(tokens, (2, 4), (28, 56), b)).abs()
+    reach = moved.amax(dim=(0, 1)) > 0
+    rows, cols = torch.nonzero(reach, as_tuple=True)
+    assert reach[14, 30]
+    assert rows.min() >= 11 and rows.max() <= 17 and cols.min() >= 27 and cols.max() <= 33
+    _assert_streamed_matches_batched(_skip_student("tiny-pyramid-full"), 4, 28, 28,
+                                     view_chunk=3, keys=("xyz_local", "conf_local"), seed=7)
+    save_student(model, tmp_path / "full")
+    loaded = load_student(tmp_path / "full")
+    assert loaded.config == model.config
+    x = _images(1, 2, 28, 28, seed=8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)["xyz_local"], model(x)["xyz_local"])
+    with pytest.raises(ValueError, match="dpt_image_full > 0 needs an image branch"):
+        dataclasses.replace(get_config("tiny-lite"), dpt_image_full=16)
+    with pytest.raises(ValueError, match="dpt_image_full must be >= 0, got -1"):
+        dataclasses.replace(local, dpt_image_full=-1)
 
 
 def test_image_pyramid_needs_an_image_branch():

@@ -45,6 +45,11 @@ Named variants (``MODEL_CONFIGS`` / :func:`get_config`):
   through the tokens (6.6M parameters, about 1.15x ``tiny-hybrid``'s step). The CPU demo's
   student: on the demo (two seeds each) better depth and dense geometry than ``tiny-hybrid``,
   poses within the run-to-run spread (README "Results").
+- ``tiny-pyramid-full``: ``tiny-pyramid-local`` whose local head also sees the pixels at the
+  output size (``dpt_image_full`` 16: two 3x3 convs at 112x112 added to the output stage).
+  With 14-pixel patches the DPT fusion path ends at 64x64, which the output stage only
+  upsamples: the pixels next to depth edges carry 1.7x the mean depth error there
+  (+3k parameters, +5% FLOPs).
 - ``tiny-deep``: ``tiny-pyramid-local`` with a 6-block fusion decoder whose blocks 3, 4 and 6
   feed the heads, as in ``paper`` (7.5M parameters): more capacity where the views are placed
   relative to each other, at little cost (the decoder runs on 64 tokens per view; 1.03x
@@ -112,6 +117,9 @@ class StudentConfig:
     # residual conv units per stage (models.dpt)
     dpt_image_blocks: int = 0
     dpt_image_heads: str = "both"  # which DPT heads have the image branch: "both" | "local"
+    # > 0 (with dpt_image_dim): those heads also see the pixels at the output size through two
+    # 3x3 convs of this width (models.dpt, ``image_full``)
+    dpt_image_full: int = 0
     global_head: str = "dpt"  # "dpt" (a second DPT head) | "pose" (models.pose_head)
     xyz_activation: str = "exp"
     conf_activation: str = "expp1"
@@ -144,6 +152,11 @@ class StudentConfig:
             raise ValueError(f"{where}: dpt_image_blocks must be >= 0, got {self.dpt_image_blocks}")
         if self.dpt_image_blocks and not self.dpt_image_dim:
             raise ValueError(f"{where}: dpt_image_blocks > 0 needs an image branch "
+                             f"(dpt_image_dim > 0)")
+        if self.dpt_image_full < 0:
+            raise ValueError(f"{where}: dpt_image_full must be >= 0, got {self.dpt_image_full}")
+        if self.dpt_image_full and not self.dpt_image_dim:
+            raise ValueError(f"{where}: dpt_image_full > 0 needs an image branch "
                              f"(dpt_image_dim > 0)")
         if self.dpt_image_heads not in IMAGE_HEADS:
             raise ValueError(f"{where}: unknown dpt_image_heads {self.dpt_image_heads!r}; "
@@ -231,6 +244,10 @@ def _tiny_pyramid_local() -> StudentConfig:
     return dataclasses.replace(_tiny_pyramid(), name="tiny-pyramid-local", dpt_image_heads="local")
 
 
+def _tiny_pyramid_full() -> StudentConfig:
+    return dataclasses.replace(_tiny_pyramid_local(), name="tiny-pyramid-full", dpt_image_full=16)
+
+
 def _tiny_deep() -> StudentConfig:
     return dataclasses.replace(_tiny_pyramid_local(), name="tiny-deep", dec_depth=6,
                                hooks=[0, 3, 4, 6])
@@ -261,7 +278,8 @@ def _fast3r_large() -> StudentConfig:
 _FACTORIES = {"paper": _paper, "tiny": _tiny, "tiny-lite": _tiny_lite, "tiny-fine": _tiny_fine,
               "tiny-pose": _tiny_pose, "tiny-conv": _tiny_conv,
               "tiny-skip": _tiny_skip, "tiny-hybrid": _tiny_hybrid, "tiny-pyramid": _tiny_pyramid,
-              "tiny-pyramid-local": _tiny_pyramid_local, "tiny-deep": _tiny_deep,
+              "tiny-pyramid-local": _tiny_pyramid_local, "tiny-pyramid-full": _tiny_pyramid_full,
+              "tiny-deep": _tiny_deep,
               "tiny-fine-pyramid": _tiny_fine_pyramid,
               "micro": _micro,
               "fast3r-large": _fast3r_large}

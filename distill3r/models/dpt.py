@@ -29,6 +29,14 @@ role of the ResNet stages of DPT-Hybrid): four stages of widths ``d, 2d, 4d, 8d`
 residual conv units, so the receptive field grows to whole objects. Zero-initialised 1x1
 projections add the four stages to the path after the finest fusion block and to levels 0, 1
 and 2 (``4h, 2h, h``).
+
+With ``image_full = f > 0`` (and an image branch) the head also sees the pixels at the output
+size: the view at ``(H, W)`` goes through two 3x3 convs ``3 -> f -> f`` (ReLU after each) and a
+zero-initialised 1x1 projection to ``last_dim``, added to the output stage after its bilinear
+resize, before the 3x3 conv at ``(H, W)``. The fusion path ends at ``8h x 8w``, which is
+``8 / patch_size`` of the image (0.57x for 14-pixel patches): without this branch the output
+stage's only full-resolution input is a bilinear upsampling, and depth edges blur over the
+resize (on the demo the pixels within one of a depth edge carry 1.7x the mean depth error).
 """
 
 from __future__ import annotations
@@ -90,11 +98,12 @@ class DPTHead(nn.Module):
 
     def __init__(self, in_dims: list[int], layer_dims: list[int], feature_dim: int,
                  last_dim: int, out_channels: int = 4, image_dim: int = 0,
-                 image_blocks: int = 0) -> None:
+                 image_blocks: int = 0, image_full: int = 0) -> None:
         super().__init__()
         assert len(in_dims) == 4 and len(layer_dims) == 4
         self.image_dim = image_dim
         self.image_blocks = image_blocks if image_dim else 0
+        self.image_full = image_full if image_dim else 0
         if image_dim:
             d = image_dim
             self.image_conv1 = nn.Conv2d(3, d, 3, padding=1)
@@ -109,6 +118,11 @@ class DPTHead(nn.Module):
                     StrideTwoConv(d << k, d << (k + 1)) for k in (1, 2))
                 self.image_to_coarse = nn.ModuleList(
                     nn.Conv2d(d << k, feature_dim, 1) for k in (2, 3))
+            if self.image_full:
+                f = self.image_full
+                self.full_conv1 = nn.Conv2d(3, f, 3, padding=1)
+                self.full_conv2 = nn.Conv2d(f, f, 3, padding=1)
+                self.full_to_out = nn.Conv2d(f, last_dim, 1)
             for conv in self.image_projections():
                 nn.init.zeros_(conv.weight)
                 nn.init.zeros_(conv.bias)
@@ -155,17 +169,29 @@ class DPTHead(nn.Module):
             path = path + skips[0]
         out = F.interpolate(self.out_conv1(path), size=size, mode="bilinear", align_corners=True)
         del path
+        if self.image_full:
+            out = out + self._full_features(images, size)
         out = F.relu(self.out_conv2(out), inplace=True)
         return self.out_conv3(out)
 
     def image_projections(self) -> list[nn.Conv2d]:
         """The image branch's zero-initialised 1x1 projections, in the order of
         :meth:`_image_features`' additions (path, level 0, then levels 1 and 2 with
-        ``image_blocks``); empty without an image branch."""
+        ``image_blocks``), then the full-resolution one with ``image_full``; empty without an
+        image branch."""
         if not self.image_dim:
             return []
         coarse = list(self.image_to_coarse) if self.image_blocks else []
-        return [self.image_to_path, self.image_to_level, *coarse]
+        full = [self.full_to_out] if self.image_full else []
+        return [self.image_to_path, self.image_to_level, *coarse, *full]
+
+    def _full_features(self, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The full-resolution branch's addition ``[V, last_dim, H, W]`` (``image_full``)."""
+        x = images - 0.5
+        if tuple(x.shape[-2:]) != tuple(size):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        x = F.relu(self.full_conv1(x.contiguous(memory_format=torch.channels_last)))
+        return self.full_to_out(F.relu(self.full_conv2(x), inplace=True))
 
     def _image_features(self, images: torch.Tensor | None, grid: tuple[int, int]
                         ) -> list[torch.Tensor]:
@@ -181,11 +207,12 @@ class DPTHead(nn.Module):
         # channels-last like the token levels (``forward``)
         x = x.contiguous(memory_format=torch.channels_last)
         fine = F.relu(self.image_conv1(x))
+        projections = self.image_projections()
         if not self.image_blocks:
             stages = [fine, F.relu(self.image_conv2(fine))]
-            return [project(x) for project, x in zip(self.image_projections(), stages)]
+            return [project(x) for project, x in zip(projections[:2], stages)]
         fine = self.image_units[0](fine)
         stages = [fine, self.image_units[1](self.image_conv2(F.relu(fine)))]
         for down, units in zip(self.image_down, self.image_units[2:]):
             stages.append(units(down(F.relu(stages[-1]))))
-        return [project(F.relu(x)) for project, x in zip(self.image_projections(), stages)]
+        return [project(F.relu(x)) for project, x in zip(projections[:4], stages)]

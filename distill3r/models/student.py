@@ -56,8 +56,8 @@ class Student(nn.Module):
         in_dims = [config.enc_dim if k == 0 else config.dec_dim for k in config.hooks]
         head_args = (in_dims, list(config.dpt_layer_dims), config.dpt_feature_dim,
                      config.dpt_last_dim, 4)
-        image = (config.dpt_image_dim, config.dpt_image_blocks)
-        global_image = image if config.dpt_image_heads == "both" else (0, 0)
+        image = (config.dpt_image_dim, config.dpt_image_blocks, config.dpt_image_full)
+        global_image = image if config.dpt_image_heads == "both" else (0, 0, 0)
         self.head_global = (DPTHead(*head_args, *global_image) if config.global_head == "dpt"
                             else PoseHead(config.dec_dim))
         self.head_local = DPTHead(*head_args, *image)
