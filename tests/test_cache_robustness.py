@@ -197,7 +197,8 @@ def student_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("key, value", [("enc_dim", 65536), ("max_views", 6_000_000),
-                                        ("dpt_layer_dims", [96, 192, 384, 10**6])])
+                                        ("dpt_layer_dims", [96, 192, 384, 10**6]),
+                                        ("dpt_image_full", 10**6)])
 def test_model_config_bounds_checked_before_building(student_dir, tmp_path, key, value):
     folder = tmp_path / "student"
     shutil.copytree(student_dir, folder)

@@ -43,7 +43,8 @@ MAX_PARAMS = 2_000_000_000  # fast3r-large (~648M) fits with room
 CONFIG_BOUNDS = {"patch_size": 64, "img_size": 4096, "enc_dim": 4096, "enc_depth": 96,
                  "enc_heads": 128, "enc_mlp_ratio": 16, "enc_reg_tokens": 64, "dec_dim": 4096,
                  "dec_depth": 96, "dec_heads": 128, "dec_mlp_ratio": 16, "max_views": 100_000,
-                 "dpt_feature_dim": 4096, "dpt_last_dim": 4096}
+                 "dpt_feature_dim": 4096, "dpt_last_dim": 4096, "dpt_image_dim": 4096,
+                 "dpt_image_blocks": 64, "dpt_image_full": 4096}
 MAX_DPT_LAYER_DIM = 8192
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "BOOL": torch.bool,

@@ -49,7 +49,9 @@ Named variants (``MODEL_CONFIGS`` / :func:`get_config`):
   output size (``dpt_image_full`` 16: two 3x3 convs at 112x112 added to the output stage).
   With 14-pixel patches the DPT fusion path ends at 64x64, which the output stage only
   upsamples: the pixels next to depth edges carry 1.7x the mean depth error there
-  (+3k parameters, +5% FLOPs).
+  (+3k parameters, +5% FLOPs, 1.13x the training time). On the demo (one seed) worse on every
+  depth and shape figure than ``tiny-pyramid-local`` (README "Results"), normal consistency
+  most (0.724 against 0.758): the surfaces came out rougher, not their edges sharper.
 - ``tiny-deep``: ``tiny-pyramid-local`` with a 6-block fusion decoder whose blocks 3, 4 and 6
   feed the heads, as in ``paper`` (7.5M parameters): more capacity where the views are placed
   relative to each other, at little cost (the decoder runs on 64 tokens per view; 1.03x
