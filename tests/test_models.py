@@ -516,7 +516,7 @@ def test_image_pyramid_in_the_local_head_only():
         dataclasses.replace(get_config("tiny-pyramid"), dpt_image_heads="global")
 
 
-def test_full_resolution_image_branch_sharpens_the_output_stage(tmp_path):
+def test_full_resolution_image_branch_reaches_the_output_only_locally(tmp_path):
     """``tiny-pyramid-full``: ``tiny-pyramid-local`` whose local head also sees the pixels at the
     output size. It starts silent; once switched on, a one-pixel change of the image moves the
     output within the branch's 7x7 receptive field (two 3x3 convs, then the output stage's 3x3
