@@ -401,7 +401,7 @@ def test_pose_head_untrained_is_the_identity_and_needs_reference_views():
 def _assert_streamed_matches_batched(model: Student, views: int, height: int, width: int,
                                     view_chunk: int, keys: tuple[str, ...], seed: int) -> None:
     """``stream_forward`` in chunks of ``view_chunk`` views gives the batched forward's maps."""
-    from distill3r.models.inputs import images_to_input
+    from distill3r.inputs import images_to_input
     from distill3r.models.streaming import stream_forward
 
     images = (torch.rand(views, height, width, 3, generator=torch.Generator().manual_seed(seed))

@@ -262,15 +262,20 @@ def test_fast3r_lazy_import_and_attn_bias():
 # ---------------------------------------------------------------------------------------------
 # A saved model as the teacher
 # ---------------------------------------------------------------------------------------------
-def test_checkpoint_teacher_cache_round_trips_the_models_own_inference(tmp_path):
+def test_checkpoint_teacher_cache_round_trips_the_models_own_inference(tmp_path, monkeypatch):
     import dataclasses
+    import shutil
+
+    import distill3r.teachers.checkpoint as checkpoint_teacher
+    from distill3r.training.data import check_cache
 
     from boxroom import make_box_room_manifest
 
     from distill3r.cache.reader import read_split
     from distill3r.cache.writer import build_cache
     from distill3r.config import CacheParams, Params
-    from distill3r.models import build_student, images_to_input, save_student
+    from distill3r.inputs import images_to_input
+    from distill3r.models import build_student, save_student
 
     torch.manual_seed(0)
     folder = save_student(build_student("tiny"), tmp_path / "teacher")
@@ -306,3 +311,28 @@ def test_checkpoint_teacher_cache_round_trips_the_models_own_inference(tmp_path)
     with pytest.raises(ValueError, match="nope: teacher.checkpoint is not a model folder"):
         get_teacher(dataclasses.replace(params.teacher, checkpoint=str(tmp_path / "nope"))
                     ).predict(empty)
+
+    # the train stage checks the cache against the teacher folder and the model code it has now
+    splits = [json.loads((tmp_path / "cache" / s / "index.json").read_text())
+              for s in ("train", "val")]
+    check_cache(*splits, params, tmp_path / "cache")
+    code = tmp_path / "code"  # a copy of the model code: line endings alone change nothing
+    for part in checkpoint_teacher.MODEL_CODE:
+        src = checkpoint_teacher.PACKAGE / part
+        if src.is_dir():
+            shutil.copytree(src, code / part, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, code / part)
+    dpt = code / "models" / "dpt.py"
+    dpt.write_bytes(dpt.read_bytes().replace(b"\n", b"\r\n"))
+    assert checkpoint_teacher.model_code_digest(code) == teacher.code()
+    dpt.write_bytes(dpt.read_bytes() + b"# an edit\r\n")
+    monkeypatch.setattr(checkpoint_teacher, "PACKAGE", code)
+    assert get_teacher(params.teacher).fingerprint() != teacher.fingerprint()
+    with pytest.raises(ValueError, match=r"train/index.json: cache built by checkpoint teacher "
+                       r".*the model code \(distill3r/models\) changed since.*--force cache"):
+        check_cache(*splits, params, tmp_path / "cache")
+    # a cache pulled without the teacher folder: only the teacher's name can be checked
+    gone = dataclasses.replace(params, teacher=dataclasses.replace(
+        params.teacher, checkpoint=str(tmp_path / "absent")))
+    check_cache(*splits, gone, tmp_path / "cache")

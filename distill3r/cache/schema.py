@@ -218,7 +218,7 @@ def decode_sample(raw: dict, shape: Optional[tuple[int, int, int]] = None,
     """
     import torch
 
-    from distill3r.models.inputs import images_to_input
+    from distill3r.inputs import images_to_input
 
     url, key = str(raw.get("__url__", "<unknown shard>")), str(raw.get("__key__", "<no key>"))
     for member in REQUIRED_MEMBERS:

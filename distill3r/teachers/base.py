@@ -1,7 +1,8 @@
 """The teacher interface: views in, the four maps out, at the cache resolution.
 
 Every teacher implements :class:`Teacher`: ``name``, ``fingerprint()`` (a stable string that
-changes whenever the teacher's outputs could change: name, parameters, weights identity) and
+changes whenever the teacher's outputs could change: name, parameters, weights identity, and the
+hash of this project's code where the teacher runs it, as the checkpoint teacher does) and
 ``predict(TeacherInput) -> TeacherOutput``. Conventions: OpenCV cameras, ``c2w``
 camera-to-world, global frame = view 0's camera frame, views-first arrays.
 """
@@ -138,7 +139,8 @@ class Teacher(ABC):
 
     @abstractmethod
     def fingerprint(self) -> str:
-        """Stable identity of everything that determines the outputs (name, params, weights)."""
+        """Stable identity of everything that determines the outputs (name, params, weights, and
+        this project's code where the teacher runs it)."""
 
     @abstractmethod
     def predict(self, batch: TeacherInput) -> TeacherOutput:

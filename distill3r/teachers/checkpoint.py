@@ -7,11 +7,16 @@ size) and its four maps are cached as they come out of the model: ``xyz_global``
 camera frame, ``xyz_local`` per view, confidences ``1 + exp(.)``; the mask keeps finite pixels
 whose global and local confidences exceed ``teacher.conf_threshold``. The model runs in eval mode
 (image indices 0..N-1: deterministic) under autocast in ``teacher.dtype`` where the device has
-it. The fingerprint is built from the weights hash, so another model never passes for this one.
+it. The fingerprint is built from the weights hash, so another model never passes for this one,
+and from the hash of the code that runs it (:func:`model_code_digest`): the root pipeline's
+``cache`` stage does not list the student's code among its deps (a student edit must not rerun
+a Fast3R cache), so a cache built before a model-code change is refused by the train stage
+instead of being used silently.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +25,33 @@ import numpy as np
 from distill3r.config import TeacherParams, to_dict
 from distill3r.teachers.base import Teacher, TeacherInput, TeacherOutput, params_digest
 
-VERSION = 1
+VERSION = 2  # 2: the fingerprint includes model_code_digest()
 MAPS = ("xyz_global", "xyz_local", "conf_global", "conf_local")
+PACKAGE = Path(__file__).resolve().parents[1]
+# what turns a model folder into predictions, relative to the distill3r package
+MODEL_CODE = ("models", "inputs.py", "devices.py")
+
+
+def model_code_digest(package: Path | None = None) -> str:
+    """sha256 (hex) of the code a checkpoint teacher runs: every ``.py`` file of ``MODEL_CODE``
+    under ``package`` (default: this installation's ``distill3r``), path and contents, in sorted
+    order, line endings normalised (a Windows checkout of the same commit gives the same
+    digest)."""
+    package = PACKAGE if package is None else package
+    files: list[Path] = []
+    for entry in MODEL_CODE:
+        path = package / entry
+        if path.is_dir():
+            files.extend(path.rglob("*.py"))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: part of the checkpoint teacher's code is missing")
+    h = hashlib.sha256()
+    for file in sorted(files, key=lambda f: f.relative_to(package).as_posix()):
+        h.update(file.relative_to(package).as_posix().encode() + b"\0")
+        h.update(file.read_bytes().replace(b"\r\n", b"\n") + b"\0")
+    return h.hexdigest()
 
 
 class CheckpointTeacher(Teacher):
@@ -35,6 +65,7 @@ class CheckpointTeacher(Teacher):
         self._model = model
         self._device = None
         self._weights: str | None = None
+        self._code: str | None = None
 
     def _load(self) -> Any:
         if self._model is None:
@@ -63,21 +94,27 @@ class CheckpointTeacher(Teacher):
             self._weights = fp
         return self._weights
 
+    def code(self) -> str:
+        """:func:`model_code_digest` of this installation (computed once)."""
+        if self._code is None:
+            self._code = model_code_digest()
+        return self._code
+
     def fingerprint(self) -> str:
         p = self.params
-        relevant = {"weights": self.weights(), "dtype": p.dtype,
+        relevant = {"weights": self.weights(), "code": self.code(), "dtype": p.dtype,
                     "conf_threshold": p.conf_threshold}
         return f"{self.name}-v{VERSION}-{params_digest(relevant)}"
 
     def describe(self) -> dict:
         return {"name": self.name, "fingerprint": self.fingerprint(), "version": VERSION,
-                "weights": self.weights(), "params": to_dict(self.params)}
+                "weights": self.weights(), "code": self.code(), "params": to_dict(self.params)}
 
     def predict(self, batch: TeacherInput) -> TeacherOutput:
         import torch
 
         from distill3r.devices import autocast, bf16_supported, parse_dtype
-        from distill3r.models.inputs import images_to_input
+        from distill3r.inputs import images_to_input
 
         model = self._load()
         patch = int(model.patch_size)

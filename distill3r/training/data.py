@@ -71,11 +71,15 @@ def shuffled(samples: Iterator, buffer: int, rng: np.random.Generator) -> Iterat
 
 def expected_teacher_fingerprint(params: Params) -> Optional[str]:
     """The teacher fingerprint the cache stage would record for ``params.teacher`` when it is
-    cheap to know (the ground-truth teacher); None for a teacher whose identity needs its
-    weights (Fast3R: resolving them may download the checkpoint), whose name alone is checked."""
-    if params.teacher.name != "groundtruth":
-        return None
-    return get_teacher(params.teacher).fingerprint()
+    cheap to know: the ground-truth teacher, and a checkpoint teacher whose model folder is here
+    (its weights hash and the hash of the model code, so a cache built before a model-code
+    change is refused). None for a teacher whose identity needs its weights (Fast3R: resolving
+    them may download the checkpoint) or whose folder is absent (a cache pulled without the
+    teacher): then only the teacher's name is checked."""
+    teacher = params.teacher
+    cheap = teacher.name == "groundtruth" or (
+        teacher.name == "checkpoint" and (Path(teacher.checkpoint) / "config.json").is_file())
+    return get_teacher(teacher).fingerprint() if cheap else None
 
 
 def check_cache(train_index: dict, val_index: dict, params: Params, cache_dir: Path) -> None:
@@ -86,6 +90,15 @@ def check_cache(train_index: dict, val_index: dict, params: Params, cache_dir: P
     fingerprint = expected_teacher_fingerprint(params)
     for split, index in (("train", train_index), ("val", val_index)):
         where = str(Path(cache_dir) / split / "index.json")
+        built = index.get("teacher") or {}
+        if (built.get("name") == params.teacher.name == "checkpoint"
+                and fingerprint not in (None, built.get("fingerprint"))):
+            raise ValueError(
+                f"{where}: cache built by checkpoint teacher {built.get('fingerprint')!r}, but "
+                f"{params.teacher.checkpoint} with this code is {fingerprint!r}: the teacher's "
+                "weights or the model code (distill3r/models) changed since. Rebuild the cache "
+                "(dvc repro --force cache; list distill3r/models and the teacher folder in the "
+                "cache stage's deps so that dvc repro does it)")
         check_compatible(index, fingerprint, params.cache.image_size, where=where)
         name = (index.get("teacher") or {}).get("name")
         if name != params.teacher.name:

@@ -1,4 +1,9 @@
-"""The one conversion of views to the student's input."""
+"""The one conversion of views to the student's input.
+
+It lives outside :mod:`distill3r.models` because the cache decodes samples with it: the
+``cache`` stage then does not depend on the student's code, so editing the student never
+invalidates a teacher cache (hours of GPU time with Fast3R).
+"""
 
 from __future__ import annotations
 
