@@ -32,8 +32,8 @@ __all__ = ["BenchParams", "CacheParams", "DataParams", "DatasetSampling", "DemoP
 # distill3r.models.configs.MODEL_CONFIGS
 ModelName = Literal["paper", "tiny", "tiny-lite", "tiny-fine", "tiny-pose", "tiny-conv",
                     "tiny-skip", "tiny-hybrid", "tiny-pyramid", "tiny-pyramid-local",
-                    "tiny-pyramid-full", "tiny-deep", "tiny-fine-pyramid", "micro",
-                    "fast3r-large"]
+                    "tiny-pyramid-full", "tiny-pyramid-gn", "tiny-deep", "tiny-fine-pyramid",
+                    "micro", "fast3r-large"]
 SamplingMode = Literal["random", "stride", "nearby"]
 CacheCompression = Literal["deflate", "stored", "auto"]
 TeacherName = Literal["groundtruth", "fast3r", "checkpoint"]

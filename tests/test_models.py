@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from distill3r.models import (MODEL_CONFIGS, Student, StudentConfig, build_student,
                               count_parameters, get_config, load_student, save_student)
 from distill3r.models.activations import get_activation, xyz_exp
-from distill3r.models.dpt import DPTHead, StrideTwoConv
+from distill3r.models.dpt import DPTHead, ResidualConvUnit, StrideTwoConv
 from distill3r.models.pose_head import rotation_from_6d
 
 PAPER_PARAMS = 71_969_288
@@ -283,8 +283,8 @@ def test_xyz_activation_is_safe_at_zero():
 def test_config_registry_and_strict_round_trip():
     assert set(MODEL_CONFIGS) == {"paper", "tiny", "tiny-lite", "tiny-fine", "tiny-pose",
                                   "tiny-conv", "tiny-skip", "tiny-hybrid", "tiny-pyramid",
-                                  "tiny-pyramid-local", "tiny-pyramid-full", "tiny-deep",
-                                  "tiny-fine-pyramid", "micro", "fast3r-large"}
+                                  "tiny-pyramid-local", "tiny-pyramid-full", "tiny-pyramid-gn",
+                                  "tiny-deep", "tiny-fine-pyramid", "micro", "fast3r-large"}
     for name in MODEL_CONFIGS:
         cfg = get_config(name)
         assert StudentConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
@@ -514,6 +514,35 @@ def test_image_pyramid_in_the_local_head_only():
                                      keys=("xyz_global", "xyz_local", "conf_local"), seed=6)
     with pytest.raises(ValueError, match="unknown dpt_image_heads 'global'"):
         dataclasses.replace(get_config("tiny-pyramid"), dpt_image_heads="global")
+
+
+def test_group_norm_in_the_local_head(tmp_path):
+    """``tiny-pyramid-gn``: ``tiny-pyramid-local`` whose local head normalises before each ReLU
+    of its residual conv units (fusion blocks and image pyramid). Such a unit's residual branch
+    ignores the scale of its input; the global head is unchanged; chunked and batched head calls
+    agree (the norm is per view); the config round-trips through a saved model folder."""
+    gn, local = get_config("tiny-pyramid-gn"), get_config("tiny-pyramid-local")
+    assert dataclasses.replace(gn, name="tiny-pyramid-local", dpt_norm="none") == local
+    model = _skip_student("tiny-pyramid-gn")  # image branch switched on
+
+    def units(head):
+        return [m for m in head.modules() if isinstance(m, ResidualConvUnit)]
+
+    assert len(units(model.head_local)) == 16  # 4 fusion blocks x 2, 4 pyramid stages x 2
+    assert all(u.norm1 is not None and u.norm2 is not None for u in units(model.head_local))
+    assert all(u.norm1 is None for u in units(model.head_global))
+    unit = units(model.head_local)[-1]
+    x = torch.randn(2, unit.conv1.in_channels, 6, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(unit(7.0 * x) - 7.0 * x, unit(x) - x, rtol=1e-4, atol=1e-4)
+        plain = ResidualConvUnit(unit.conv1.in_channels)
+        assert not torch.allclose(plain(7.0 * x) - 7.0 * x, plain(x) - x, atol=1e-2)
+    _assert_streamed_matches_batched(model, 4, 28, 28, view_chunk=3,
+                                     keys=("xyz_local", "conf_local"), seed=5)
+    loaded = load_student(save_student(model, tmp_path / "gn"))
+    assert loaded.config == model.config
+    with pytest.raises(ValueError, match="unknown dpt_norm 'batch'"):
+        dataclasses.replace(local, dpt_norm="batch")
 
 
 def test_full_resolution_image_branch_reaches_the_output_only_locally(tmp_path):

@@ -38,6 +38,10 @@ resize, before the 3x3 conv at ``(H, W)``. The fusion path ends at ``8h x 8w``, 
 stage's only full-resolution input is a bilinear upsampling, and depth edges blur over the
 resize (on the demo the pixels within one of a depth edge carry 1.7x the mean depth error).
 Trained on the demo it made depth and normals worse, not edges sharper (``tiny-pyramid-full``).
+
+With ``norm`` every residual conv unit (fusion blocks and image pyramid) normalises before each
+ReLU (GroupNorm, 4 channels per group, at most 8 groups; per view, so chunked and batched head
+calls agree).
 """
 
 from __future__ import annotations
@@ -64,13 +68,27 @@ class StrideTwoConv(nn.Conv2d):
         return out.to(x.dtype)
 
 
+def norm_groups(dim: int) -> int:
+    """Groups of the residual conv units' GroupNorm: 4 channels each up to 8 groups."""
+    return max(1, min(8, dim // 4))
+
+
 class ResidualConvUnit(nn.Module):
-    def __init__(self, dim: int) -> None:
+    """``x + conv(relu(conv(relu(x))))`` (3x3 convs); with ``norm`` a GroupNorm
+    (:func:`norm_groups`) before each ReLU: ``x + conv(relu(gn(conv(relu(gn(x))))))``."""
+
+    def __init__(self, dim: int, norm: bool = False) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(dim, dim, 3, padding=1)
         self.conv2 = nn.Conv2d(dim, dim, 3, padding=1)
+        self.norm1 = nn.GroupNorm(norm_groups(dim), dim) if norm else None
+        self.norm2 = nn.GroupNorm(norm_groups(dim), dim) if norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm1 is not None:
+            out = self.conv1(F.relu(self.norm1(x), inplace=True))
+            out = self.conv2(F.relu(self.norm2(out), inplace=True))
+            return out.add_(x)
         # in-place where autograd allows: the heads run at full resolution, memory dominates
         out = self.conv1(F.relu(x))
         out = self.conv2(F.relu(out, inplace=True))
@@ -78,10 +96,10 @@ class ResidualConvUnit(nn.Module):
 
 
 class FusionBlock(nn.Module):
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, norm: bool = False) -> None:
         super().__init__()
-        self.rcu1 = ResidualConvUnit(dim)
-        self.rcu2 = ResidualConvUnit(dim)
+        self.rcu1 = ResidualConvUnit(dim, norm)
+        self.rcu2 = ResidualConvUnit(dim, norm)
         self.out_conv = nn.Conv2d(dim, dim, 1)
 
     def forward(self, level: torch.Tensor, path: torch.Tensor | None,
@@ -99,7 +117,7 @@ class DPTHead(nn.Module):
 
     def __init__(self, in_dims: list[int], layer_dims: list[int], feature_dim: int,
                  last_dim: int, out_channels: int = 4, image_dim: int = 0,
-                 image_blocks: int = 0, image_full: int = 0) -> None:
+                 image_blocks: int = 0, image_full: int = 0, norm: bool = False) -> None:
         super().__init__()
         assert len(in_dims) == 4 and len(layer_dims) == 4
         self.image_dim = image_dim
@@ -113,7 +131,8 @@ class DPTHead(nn.Module):
             self.image_to_path = nn.Conv2d(d, feature_dim, 1)
             if self.image_blocks:
                 self.image_units = nn.ModuleList(
-                    nn.Sequential(*(ResidualConvUnit(d << k) for _ in range(self.image_blocks)))
+                    nn.Sequential(*(ResidualConvUnit(d << k, norm)
+                                    for _ in range(self.image_blocks)))
                     for k in range(4))
                 self.image_down = nn.ModuleList(
                     StrideTwoConv(d << k, d << (k + 1)) for k in (1, 2))
@@ -137,7 +156,7 @@ class DPTHead(nn.Module):
         ])
         self.layer_rn = nn.ModuleList(
             nn.Conv2d(d, feature_dim, 3, padding=1, bias=False) for d in layer_dims)
-        self.fusion = nn.ModuleList(FusionBlock(feature_dim) for _ in range(4))  # 0 = finest
+        self.fusion = nn.ModuleList(FusionBlock(feature_dim, norm) for _ in range(4))  # 0 = finest
         self.out_conv1 = nn.Conv2d(feature_dim, last_dim, 3, padding=1)
         self.out_conv2 = nn.Conv2d(last_dim, last_dim, 3, padding=1)
         self.out_conv3 = nn.Conv2d(last_dim, out_channels, 1)

@@ -58,9 +58,9 @@ class Student(nn.Module):
                      config.dpt_last_dim, 4)
         image = (config.dpt_image_dim, config.dpt_image_blocks, config.dpt_image_full)
         global_image = image if config.dpt_image_heads == "both" else (0, 0, 0)
-        self.head_global = (DPTHead(*head_args, *global_image) if config.global_head == "dpt"
-                            else PoseHead(config.dec_dim))
-        self.head_local = DPTHead(*head_args, *image)
+        self.head_global = (DPTHead(*head_args, *global_image, norm=config.dpt_norm == "both")
+                            if config.global_head == "dpt" else PoseHead(config.dec_dim))
+        self.head_local = DPTHead(*head_args, *image, norm=config.dpt_norm != "none")
         self.xyz_act = get_activation("xyz", config.xyz_activation)
         self.conf_act = get_activation("conf", config.conf_activation)
 
