@@ -40,11 +40,11 @@ from distill3r.data.io import (IMAGE_SUBFOLDERS, IMAGE_SUFFIXES, is_image_file, 
 from distill3r.data.view import ViewChain, ViewTransform, fit_size, shrink_transform, view_chain
 from distill3r.devices import autocast, resolve_device, resolve_dtype
 from distill3r.evaluation.poses import estimate_cameras
-from distill3r.models.checkpoint import checkpoint_fingerprint
-from distill3r.inputs import images_to_input
 from distill3r.export import ply_writer, preview_views, write_preview
+from distill3r.inputs import images_to_input
 from distill3r.jsonio import write_json
 from distill3r.mapstore import MapStore, StoredArray, StreamedPercentile
+from distill3r.models.checkpoint import checkpoint_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -144,6 +144,32 @@ def test_stride_two_conv_is_right_in_bf16(hw):
     assert (low.double() - ref).abs().max() < 0.05 * ref.abs().max()
 
 
+def test_head_output_stage_is_float32_without_autograd():
+    """Under bf16 autocast a DPT head's output stage rounds to bf16 while autograd records
+    (training) and runs in float32 without it (validation, evaluation, inference): the outputs
+    are then mostly not bf16 numbers, and match a float32 run of the two output convs on the
+    same features. A head whose weights are bf16 takes the same path."""
+    torch.manual_seed(0)
+    head = DPTHead([32] * 4, [8, 16, 32, 64], 16, 8, image_dim=8)
+    tokens = [torch.randn(2, 4 * 4, 32) for _ in range(4)]
+    images = torch.rand(2, 3, 56, 56)
+    features = {}
+    head.out_conv2.register_forward_pre_hook(lambda _, args: features.update(x=args[0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert head(tokens, (4, 4), (56, 56), images).dtype == torch.bfloat16
+        with torch.no_grad():
+            out = head(tokens, (4, 4), (56, 56), images)
+    assert out.dtype == torch.float32
+    assert (out != out.bfloat16().float()).float().mean() > 0.9
+    with torch.no_grad():
+        ref = head.out_conv3(F.relu(head.out_conv2(features["x"].float())))
+    torch.testing.assert_close(out, ref)
+    plain = DPTHead([32] * 4, [8, 16, 32, 64], 16, 8).to(torch.bfloat16)
+    with torch.no_grad():
+        low = plain([t.bfloat16() for t in tokens], (4, 4), (56, 56))
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+
+
 def test_eval_is_deterministic_and_inference_mode_keeps_no_graph(tiny):
     tiny.eval()
     x = _images(1, 4, 28, 42, seed=3)

@@ -266,16 +266,15 @@ def test_checkpoint_teacher_cache_round_trips_the_models_own_inference(tmp_path,
     import dataclasses
     import shutil
 
-    import distill3r.teachers.checkpoint as checkpoint_teacher
-    from distill3r.training.data import check_cache
-
     from boxroom import make_box_room_manifest
 
+    import distill3r.teachers.checkpoint as checkpoint_teacher
     from distill3r.cache.reader import read_split
     from distill3r.cache.writer import build_cache
     from distill3r.config import CacheParams, Params
     from distill3r.inputs import images_to_input
     from distill3r.models import build_student, save_student
+    from distill3r.training.data import check_cache
 
     torch.manual_seed(0)
     folder = save_student(build_student("tiny"), tmp_path / "teacher")

@@ -39,6 +39,16 @@ stage's only full-resolution input is a bilinear upsampling, and depth edges blu
 resize (on the demo the pixels within one of a depth edge carry 1.7x the mean depth error).
 Trained on the demo it made depth and normals worse, not edges sharper (``tiny-pyramid-full``).
 
+Without autograd (validation, evaluation, inference, a checkpoint teacher) the output stage's two
+convs at ``(H, W)`` run in float32 under any autocast, as VGGT runs its heads with autocast off
+(facebookresearch/vggt ``vggt/models/vggt.py``, ``VGGT.forward``). bf16 keeps 8 significant
+bits: it rounds the raw outputs by up to 0.4%, and the exp activation passes that on to the
+points' depths, while neighbouring pixels' points at 112x112 (about a 60-degree view) lie only
+about 1% of the depth apart, so normals taken from neighbours come out noisy (the demo student:
+normal consistency 0.758 with the bf16 output stage, 0.766 in float32, depth unchanged).
+Training keeps bf16 there: the loss takes the rounding as per-pixel noise, and float32 would
+cost 12% of a CPU training step.
+
 With ``norm`` every residual conv unit (fusion blocks and image pyramid) normalises before each
 ReLU (GroupNorm, 4 channels per group, at most 8 groups; per view, so chunked and batched head
 calls agree).
@@ -71,6 +81,12 @@ class StrideTwoConv(nn.Conv2d):
 def norm_groups(dim: int) -> int:
     """Groups of the residual conv units' GroupNorm: 4 channels each up to 8 groups."""
     return max(1, min(8, dim // 4))
+
+
+def _conv_fp32(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` in float32 whatever the dtypes of ``x`` and of the weights."""
+    bias = None if conv.bias is None else conv.bias.float()
+    return F.conv2d(x.float(), conv.weight.float(), bias, conv.stride, conv.padding)
 
 
 class ResidualConvUnit(nn.Module):
@@ -191,8 +207,12 @@ class DPTHead(nn.Module):
         del path
         if self.image_full:
             out = out + self._full_features(images, size)
-        out = F.relu(self.out_conv2(out), inplace=True)
-        return self.out_conv3(out)
+        if torch.is_grad_enabled():
+            out = F.relu(self.out_conv2(out), inplace=True)
+            return self.out_conv3(out)
+        with torch.autocast(device_type=out.device.type, enabled=False):
+            out = F.relu(_conv_fp32(self.out_conv2, out), inplace=True)
+            return _conv_fp32(self.out_conv3, out)
 
     def image_projections(self) -> list[nn.Conv2d]:
         """The image branch's zero-initialised 1x1 projections, in the order of

@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from distill3r.devices import autocast
+from distill3r.inputs import images_to_input
 from distill3r.models.attention import attend
 from distill3r.models.decoder import Block, FusionDecoder, eval_view_indices
-from distill3r.inputs import images_to_input
 from distill3r.models.merge import merged_block_
 
 Sink = Callable[[int, dict[str, np.ndarray]], None]
