@@ -45,7 +45,7 @@ convs at ``(H, W)`` run in float32 under any autocast, as VGGT runs its heads wi
 bits: it rounds the raw outputs by up to 0.4%, and the exp activation passes that on to the
 points' depths, while neighbouring pixels' points at 112x112 (about a 60-degree view) lie only
 about 1% of the depth apart, so normals taken from neighbours come out noisy (the demo student:
-normal consistency 0.758 with the bf16 output stage, 0.766 in float32, depth unchanged).
+normal consistency 0.758 with the bf16 output stage, 0.765 with it in float32, depth unchanged).
 Training keeps bf16 there: the loss takes the rounding as per-pixel noise, and float32 would
 cost 12% of a CPU training step.
 

@@ -27,3 +27,21 @@ def test_cuda_convolutions_channels_last_and_unchunked_training_forward():
     for key, value in chunked.items():
         assert torch.isfinite(value).all(), key
         torch.testing.assert_close(recorded[key].detach(), value, rtol=2e-2, atol=2e-2)
+
+
+def test_cuda_head_output_stage_is_float32_without_autograd():
+    """Under CUDA bf16 autocast a DPT head's output stage runs in float32 without autograd, so
+    its raw outputs are not rounded to bf16; with autograd it stays in bf16."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = build_student("tiny-pyramid-local").to(device).eval()
+    raw = []
+    model.head_local.register_forward_hook(lambda mod, args, out: raw.append(out))
+    images = torch.rand(1, 3, 3, 112, 112, device=device)
+    with autocast(device, torch.bfloat16):
+        model(images)
+        with torch.no_grad():
+            model(images)
+    assert raw[0].dtype == torch.bfloat16
+    assert raw[1].dtype == torch.float32
+    assert (raw[1] != raw[1].bfloat16().float()).float().mean() > 0.9
