@@ -27,8 +27,8 @@ demo: setup
 bench: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro bench
 
-# The learned-teacher study (studies/distill, README "Learned-teacher study"): about an hour on
-# a quiet 2-core CPU; then its ablations as queued DVC experiments (one at a time, ~15 min
+# The learned-teacher study (studies/distill, README "Learned-teacher study"): 12-21 minutes on
+# a quiet 2-core CPU; then its ablations as queued DVC experiments (one at a time, ~4 min
 # each) and their table (studies/distill/reports/ablations.md).
 study: setup
 	cd studies/distill && PATH="$(abspath $(BIN)):$$PATH" $(abspath $(BIN))/dvc repro
