@@ -61,6 +61,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _conv_fp32(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` in float32 whatever the dtypes of ``x`` and of the weights, and with any
+    autocast switched off for it."""
+    bias = None if conv.bias is None else conv.bias.float()
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.conv2d(x.float(), conv.weight.float(), bias, conv.stride, conv.padding)
+
+
 class StrideTwoConv(nn.Conv2d):
     """3x3 stride-2 conv (padding 1), ``dim -> out_dim`` (default ``dim``). oneDNN 3.12 (torch
     2.14 CPU) returns garbage, sometimes NaN, for bf16 stride-2 convolutions whose output is one
@@ -73,20 +81,12 @@ class StrideTwoConv(nn.Conv2d):
         low_precision = x.dtype != torch.float32 or torch.is_autocast_enabled(x.device.type)
         if x.shape[-1] > 2 or not low_precision:
             return super().forward(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            out = F.conv2d(x.float(), self.weight.float(), self.bias.float(), stride=2, padding=1)
-        return out.to(x.dtype)
+        return _conv_fp32(self, x).to(x.dtype)
 
 
 def norm_groups(dim: int) -> int:
     """Groups of the residual conv units' GroupNorm: 4 channels each up to 8 groups."""
     return max(1, min(8, dim // 4))
-
-
-def _conv_fp32(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` in float32 whatever the dtypes of ``x`` and of the weights."""
-    bias = None if conv.bias is None else conv.bias.float()
-    return F.conv2d(x.float(), conv.weight.float(), bias, conv.stride, conv.padding)
 
 
 class ResidualConvUnit(nn.Module):
@@ -101,12 +101,11 @@ class ResidualConvUnit(nn.Module):
         self.norm2 = nn.GroupNorm(norm_groups(dim), dim) if norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.norm1 is not None:
-            out = self.conv1(F.relu(self.norm1(x), inplace=True))
-            out = self.conv2(F.relu(self.norm2(out), inplace=True))
-            return out.add_(x)
-        # in-place where autograd allows: the heads run at full resolution, memory dominates
-        out = self.conv1(F.relu(x))
+        # in-place where autograd allows (never on x, the residual): the heads run at full
+        # resolution, memory dominates
+        out = self.conv1(F.relu(x) if self.norm1 is None else F.relu(self.norm1(x), inplace=True))
+        if self.norm2 is not None:
+            out = self.norm2(out)
         out = self.conv2(F.relu(out, inplace=True))
         return out.add_(x)
 
@@ -210,9 +209,8 @@ class DPTHead(nn.Module):
         if torch.is_grad_enabled():
             out = F.relu(self.out_conv2(out), inplace=True)
             return self.out_conv3(out)
-        with torch.autocast(device_type=out.device.type, enabled=False):
-            out = F.relu(_conv_fp32(self.out_conv2, out), inplace=True)
-            return _conv_fp32(self.out_conv3, out)
+        out = F.relu(_conv_fp32(self.out_conv2, out), inplace=True)
+        return _conv_fp32(self.out_conv3, out)
 
     def image_projections(self) -> list[nn.Conv2d]:
         """The image branch's zero-initialised 1x1 projections, in the order of
