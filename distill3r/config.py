@@ -290,8 +290,13 @@ class TrainParams:
     batch_size: int = 2
     accumulate_grad_batches: int = 1
     max_steps: int = 4800
+    # adamw: AdamW for every parameter; muon: Muon for the hidden layers' weight matrices and
+    # conv kernels, AdamW for the rest, sharing lr, weight_decay and the schedule
+    optimizer: Literal["adamw", "muon"] = "adamw"
     lr: float = 1e-3
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum
+    muon_ns_steps: int = 5  # Newton-Schulz iterations per Muon step
     weight_decay: float = 0.01
     warmup_steps: int = 100
     min_lr: float = 2e-5
@@ -329,7 +334,13 @@ class TrainParams:
                     ("ema_decay", 0 <= self.ema_decay < 1, "must be in [0, 1) (0: off)"),
                     ("ema_decay", not (self.ema_decay and self.strategy in SHARDED_STRATEGIES),
                      f"weight averaging needs whole weights on every rank, not strategy "
-                     f"{self.strategy!r}: set it to 0")],
+                     f"{self.strategy!r}: set it to 0"),
+                    ("muon_momentum", 0 <= self.muon_momentum < 1, "must be in [0, 1)"),
+                    ("muon_ns_steps", 1 <= self.muon_ns_steps < 100, "must be in [1, 99]"),
+                    ("optimizer", not (self.optimizer == "muon"
+                                       and self.strategy in SHARDED_STRATEGIES),
+                     f"Muon orthogonalises whole weight matrices, which strategy "
+                     f"{self.strategy!r} splits between ranks: use adamw or ddp")],
                  self, where)
         devices_ok = (self.devices >= 1 or self.devices == -1 if isinstance(self.devices, int)
                       else re.fullmatch(r"auto|-1|\d+(,\d+)*,?", self.devices) is not None)

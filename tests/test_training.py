@@ -29,6 +29,7 @@ from distill3r.training.callbacks import AtomicCheckpointIO
 from distill3r.training.data import CacheBatches, split_shards
 from distill3r.training.module import NonFiniteLossError
 from distill3r.training.run import resolve_precision, train
+from distill3r.training.muon import Muon, orthogonalise
 from distill3r.training.schedule import (build_optimizer, fused_supported, lr_factor,
                                          param_groups)
 from training_helpers import build_tiny_cache, tiny_params, torch_threads_restored
@@ -488,10 +489,12 @@ def _fit(cache: Path, params, folder: Path, callbacks: list, ckpt_path=None):
     return module, trainer
 
 
-def test_a_resumed_run_trains_the_weights_of_the_uninterrupted_one(cache, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_resumed_run_trains_the_weights_of_the_uninterrupted_one(cache, tmp_path, optimizer):
     # mid-epoch (7 batches per epoch), with the decoder's random image indices drawn every
     # step: the data order, optimiser, schedule and RNG state all have to continue
-    params = tiny_params(max_steps=6, val_every_steps=6, checkpoint_every_steps=2)
+    params = tiny_params(max_steps=6, val_every_steps=6, checkpoint_every_steps=2,
+                         optimizer=optimizer)
     straight, trainer = _fit(cache, params, tmp_path / "straight", [])
     steps = trainer.global_step
     _, trainer = _fit(cache, params, tmp_path / "killed", [_StopAt(4)])
@@ -598,3 +601,104 @@ def test_overfitting_one_sample_divides_the_loss_by_ten(cache, tmp_path):
     first, last = result.val_history[0]["loss"], result.val_history[-1]["loss"]
     assert result.val_history[-1]["step"] == 25
     assert last <= first / 10, f"loss {first:.4f} -> {last:.4f}"
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-pyramid-local", "tiny-pose"])
+def test_muon_takes_the_hidden_matrices_and_kernels_and_adamw_the_rest(name):
+    model = build_student(name)
+    groups = {g["name"]: g for g in param_groups(model, 0.05, muon=True)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    sets = {k: {names[id(p)] for p in g["params"]} for k, g in groups.items()}
+    assert list(groups) == ["muon", "decay", "no_decay"]
+    assert sum(map(len, sets.values())) == len(names) and set.union(*sets.values()) == set(
+        names.values())
+    params = dict(model.named_parameters())
+    assert all(params[n].ndim >= 2 for n in sets["muon"])
+    for key in ("encoder.vit.blocks.0.attn.qkv.weight", "encoder.vit.blocks.0.mlp.fc1.weight",
+                "head_local.fusion.0.rcu1.conv1.weight", "head_local.resample.0.weight"):
+        assert key in sets["muon"]
+    # input layers (3-channel image), output layers, tokens and embeddings stay with AdamW
+    image_convs = {n for n, m in model.named_modules()
+                   if isinstance(m, nn.Conv2d) and m.in_channels == 3}
+    assert image_convs and {f"{n}.weight" for n in image_convs} <= sets["decay"]
+    outputs = {"head_local.out_conv3.weight"} | (
+        {"head_global.mlp.2.weight"} if name == "tiny-pose" else {"head_global.out_conv3.weight"})
+    assert outputs <= sets["decay"]
+    assert sets["decay"] == {f"{n}.weight" for n in image_convs} | outputs
+    assert "encoder.vit.pos_embed" in sets["no_decay"]
+
+
+def test_muon_optimizer_groups_schedule_and_errors():
+    model = build_student("tiny")
+    optimizer, scheduler = build_optimizer(model, 1e-3, [0.9, 0.95], 0.05, 1e-4, 2, 10,
+                                           kind="muon")
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([5e-4] * 3)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.05, 0.05, 0.0]
+    optimizer.step()  # no gradients yet: nothing moves
+    scheduler.step()  # the schedule reaches the inner optimisers' groups
+    assert optimizer.muon.param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert [g["lr"] for g in optimizer.adamw.param_groups] == pytest.approx([1e-3, 1e-3])
+    with pytest.raises(ValueError, match="train.optimizer must be 'adamw' or 'muon'"):
+        build_optimizer(model, 1e-3, [0.9, 0.95], 0.05, 1e-4, 2, 10, kind="sgd")
+    with pytest.raises(ValueError, match="no weight matrices or kernels"):
+        build_optimizer(nn.Conv2d(3, 4, 3), 1e-3, [0.9, 0.95], 0.05, 1e-4, 2, 10, kind="muon")
+    with pytest.raises(ValueError, match=r"matrices and kernels only, got a parameter of shape \(4,\)"):
+        Muon([torch.zeros(4)])
+
+
+def test_muon_step_is_orthogonalised_with_the_rms_of_an_adamw_step():
+    """A Muon update of an A x B matrix has (nearly) equal singular values whatever the
+    gradient's spectrum, and the RMS 0.2 * lr of a typical AdamW update (the match_rms_adamw
+    scaling), so the two halves share one learning rate."""
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 24, bias=False)
+    u, _ = torch.linalg.qr(torch.randn(24, 24))
+    v, _ = torch.linalg.qr(torch.randn(48, 24))
+    spectrum = torch.logspace(0, 2, 24)  # condition number 100
+    layer.weight.grad = u @ torch.diag(spectrum) @ v.T
+    optimizer, _ = build_optimizer(layer, 1e-2, [0.9, 0.95], 0.0, 0.0, 0, 10, kind="muon")
+    before = layer.weight.detach().clone()
+    optimizer.step()
+    update = (before - layer.weight.detach()).double()
+    singular = torch.linalg.svdvals(update)
+    assert singular.max() / singular.min() < 4  # against 100 for the gradient
+    rms = update.square().mean().sqrt()
+    assert 0.1 * 1e-2 < rms < 0.3 * 1e-2  # 0.2 * lr, the Newton-Schulz spread aside
+    # and the direction still descends: positive inner product with the gradient
+    assert float((update * layer.weight.grad.double()).sum()) > 0
+
+
+def test_muon_state_round_trips_and_refuses_an_adamw_state(tmp_path):
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 2)) for _ in range(2)]
+    x = torch.randn(16, 6)
+
+    def step(model, optimizer):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+
+    first, _ = build_optimizer(models[0], 1e-2, [0.9, 0.95], 0.05, 1e-4, 1, 10, kind="muon")
+    for _ in range(3):
+        step(models[0], first)
+    torch.save(first.state_dict(), tmp_path / "opt.pt")
+    models[1].load_state_dict(models[0].state_dict())
+    second, _ = build_optimizer(models[1], 1e-2, [0.9, 0.95], 0.05, 1e-4, 1, 10, kind="muon")
+    second.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    assert len(second.state) == len(list(models[1].parameters()))  # momenta and moments
+    for _ in range(2):
+        step(models[0], first)
+        step(models[1], second)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+    adamw, _ = build_optimizer(models[1], 1e-2, [0.9, 0.95], 0.05, 1e-4, 1, 10)
+    with pytest.raises(ValueError, match="trained with another train.optimizer"):
+        second.load_state_dict(adamw.state_dict())
+
+
+def test_muon_is_refused_with_sharded_strategies():
+    with pytest.raises(ValueError, match="train.optimizer='muon': Muon orthogonalises whole"):
+        tiny_params(optimizer="muon", strategy="fsdp").train.validate("train")
+    with pytest.raises(ValueError, match=r"train.muon_ns_steps=0: must be in \[1, 99\]"):
+        tiny_params(optimizer="muon", muon_ns_steps=0).train.validate("train")
+    tiny_params(optimizer="muon", strategy="ddp").train.validate("train")

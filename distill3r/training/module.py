@@ -1,4 +1,5 @@
-"""The Lightning module: student + distillation loss, AdamW, warmup-cosine schedule.
+"""The Lightning module: student + distillation loss, AdamW (or Muon + AdamW), warmup-cosine
+schedule.
 
 Batches are the collated cache samples of :mod:`distill3r.training.data`: ``images``
 [B,N,3,H,W] float in [0,1] and the teacher targets ``xyz_global``/``xyz_local`` [B,N,H,W,3],
@@ -15,7 +16,7 @@ Gradients are clipped (``train.grad_clip``, by their total norm) in
 :meth:`DistillModule.on_before_optimizer_step` with the norm it logs, where every rank holds
 whole gradients (one device, DDP); sharded strategies (FSDP, DeepSpeed) leave clipping to
 Lightning. Where the module clips and no fp16 gradient scaler is in use (bf16, fp32), the
-optimiser is torch's fused AdamW (:func:`~distill3r.training.schedule.build_optimizer`).
+AdamW is torch's fused kernel (:func:`~distill3r.training.schedule.build_optimizer`).
 
 A non-finite loss or gradient stops training with :class:`NonFiniteLossError` naming the step
 and the loss terms, on every rank at once (no rank is left waiting in an all-reduce). Saving a
@@ -165,10 +166,11 @@ class DistillModule(L.LightningModule):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         optimizer, scheduler = build_optimizer(
             self.student, tp.lr, tp.betas, tp.weight_decay, tp.min_lr, tp.warmup_steps, total,
-            fused=clips_in_module(tp) and scaler is None)
+            fused=clips_in_module(tp) and scaler is None, kind=tp.optimizer,
+            momentum=tp.muon_momentum, ns_steps=tp.muon_ns_steps)
         per_step = (tp.batch_size * tp.accumulate_grad_batches * self.trainer.world_size)
-        log.info("schedule: %d optimiser steps of %d samples, warmup %d, lr %g -> %g", total,
-                 per_step, min(tp.warmup_steps, total), tp.lr, tp.min_lr)
+        log.info("schedule: %s, %d optimiser steps of %d samples, warmup %d, lr %g -> %g",
+                 tp.optimizer, total, per_step, min(tp.warmup_steps, total), tp.lr, tp.min_lr)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 

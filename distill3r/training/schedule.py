@@ -1,4 +1,5 @@
-"""Optimiser and learning-rate schedule: AdamW with a no-decay group, warmup then cosine.
+"""Optimiser and learning-rate schedule: AdamW (or Muon for the weight matrices and AdamW for
+the rest, :mod:`distill3r.training.muon`) with a no-decay group, warmup then cosine.
 
 Steps are *optimiser* steps (what Lightning counts in ``global_step`` and ``max_steps``): one step
 consumes ``devices * num_nodes * batch_size * accumulate_grad_batches`` samples. The schedule
@@ -14,6 +15,8 @@ from typing import Iterable
 
 import torch
 from torch import nn
+
+from distill3r.training.muon import MuonAdamW, muon_parameters
 
 # Parameter names (substrings) that never get weight decay: positional embeddings and learned
 # tokens are not weights of a linear map, and shrinking them towards zero only hurts.
@@ -31,11 +34,14 @@ def _no_decay(module: nn.Module, param_name: str, full_name: str, param: torch.T
     return any(key in full_name for key in NO_DECAY_NAMES)
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, muon: bool = False) -> list[dict]:
     """Two AdamW groups: ``decay`` (weight matrices, conv kernels) and ``no_decay`` (norms,
-    biases, embeddings, positional embeddings and learned tokens). Frozen parameters are left
-    out. Every trainable parameter is in exactly one group."""
-    decay, no_decay = [], []
+    biases, embeddings, positional embeddings and learned tokens). With ``muon``, a third group
+    ``muon`` first: the hidden layers' weight matrices and kernels
+    (:func:`~distill3r.training.muon.muon_parameters`), taken out of ``decay``. Frozen
+    parameters are left out. Every trainable parameter is in exactly one group."""
+    decay, no_decay, matrices = [], [], []
+    chosen = muon_parameters(model) if muon else set()
     seen: set[int] = set()
     for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
@@ -43,8 +49,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
                 continue
             seen.add(id(param))
             full = f"{module_name}.{name}" if module_name else name
-            (no_decay if _no_decay(module, name, full, param) else decay).append(param)
-    return [
+            if _no_decay(module, name, full, param):
+                no_decay.append(param)
+            elif id(param) in chosen:
+                matrices.append(param)
+            else:
+                decay.append(param)
+    first = [{"params": matrices, "weight_decay": weight_decay, "name": "muon"}] if muon else []
+    return first + [
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
@@ -78,11 +90,15 @@ def fused_supported(model: nn.Module) -> bool:
 
 
 def build_optimizer(model: nn.Module, lr: float, betas: Iterable[float], weight_decay: float,
-                    min_lr: float, warmup_steps: int, total_steps: int, fused: bool = False):
-    """AdamW over :func:`param_groups` plus a per-step ``LambdaLR`` of :func:`lr_factor`;
-    with ``fused``, torch's fused kernel where :func:`fused_supported`, else torch's default
-    implementation. A fused AdamW unscales fp16 gradients inside its step, so with a gradient
-    scaler the caller must not clip or measure gradients before it (Lightning refuses to).
+                    min_lr: float, warmup_steps: int, total_steps: int, fused: bool = False,
+                    kind: str = "adamw", momentum: float = 0.95, ns_steps: int = 5):
+    """AdamW over :func:`param_groups` (``kind="adamw"``), or Muon over the hidden layers' weight
+    matrices and kernels and AdamW over the rest (``kind="muon"``, :class:`MuonAdamW`, with Muon's
+    ``momentum`` and ``ns_steps``), plus a per-step ``LambdaLR`` of :func:`lr_factor` over
+    every group; with ``fused``, torch's fused AdamW kernel where :func:`fused_supported`, else
+    torch's default implementation. A fused AdamW unscales fp16 gradients inside its step, so
+    with a gradient scaler the caller must not clip or measure gradients before it (Lightning
+    refuses to).
 
     Returns ``(optimizer, scheduler)``. Raises ``ValueError`` for an inconsistent setting.
     """
@@ -93,8 +109,16 @@ def build_optimizer(model: nn.Module, lr: float, betas: Iterable[float], weight_
         raise ValueError(f"train.lr ({lr}) must be > 0 and train.min_lr ({min_lr}) in [0, lr]")
     if total_steps < 1:
         raise ValueError(f"the schedule needs at least one optimiser step, got {total_steps}")
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas,
-                                  fused=(fused and fused_supported(model)) or None)
+    if kind not in ("adamw", "muon"):
+        raise ValueError(f"train.optimizer must be 'adamw' or 'muon', got {kind!r}")
+    fused = (fused and fused_supported(model)) or None
+    groups = param_groups(model, weight_decay, muon=kind == "muon")
+    if kind == "muon":
+        optimizer = MuonAdamW(groups[:1], groups[1:], lr=lr, betas=betas,
+                              weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps,
+                              fused=fused)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
     ratio = min_lr / lr
 
     def factor(step: int) -> float:

@@ -1,8 +1,9 @@
-"""On CUDA the optimiser is torch's fused AdamW, and a bf16 training step with every loss
-term (the surface-normal and camera terms included) gives finite gradients."""
+"""On CUDA the optimiser is torch's fused AdamW (alone or beside Muon), and a bf16 training step
+with every loss term (the surface-normal and camera terms included) gives finite gradients."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from distill3r.config import LossParams
@@ -12,12 +13,15 @@ from distill3r.models import build_student
 from distill3r.training.schedule import build_optimizer
 
 
-def test_fused_adamw_step_with_every_loss_term_on_cuda():
+@pytest.mark.parametrize("kind", ["adamw", "muon"])
+def test_fused_adamw_step_with_every_loss_term_on_cuda(kind):
     device = torch.device("cuda")
     torch.manual_seed(0)
     model = build_student("tiny-pyramid-local").to(device).train()
-    optimizer, _ = build_optimizer(model, 1e-3, [0.9, 0.95], 0.01, 1e-5, 1, 10, fused=True)
-    assert all(group["fused"] for group in optimizer.param_groups)
+    optimizer, _ = build_optimizer(model, 1e-3, [0.9, 0.95], 0.01, 1e-5, 1, 10, fused=True,
+                                   kind=kind)
+    adamw = optimizer if kind == "adamw" else optimizer.adamw
+    assert all(group["fused"] for group in adamw.param_groups)
     images = torch.rand(2, 3, 3, 112, 112, device=device)
     xyz = torch.randn(2, 3, 112, 112, 3, device=device) + torch.tensor([0.0, 0.0, 4.0],
                                                                        device=device)
@@ -34,3 +38,4 @@ def test_fused_adamw_step_with_every_loss_term_on_cuda():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     optimizer.step()
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
