@@ -702,3 +702,28 @@ def test_muon_is_refused_with_sharded_strategies():
     with pytest.raises(ValueError, match=r"train.muon_ns_steps=0: must be in \[1, 99\]"):
         tiny_params(optimizer="muon", muon_ns_steps=0).train.validate("train")
     tiny_params(optimizer="muon", strategy="ddp").train.validate("train")
+
+
+def test_orthogonalise_flattens_the_spectrum_of_wide_tall_and_kernel_matrices():
+    torch.manual_seed(0)
+    for k, a, b in ((3, 6, 10), (2, 10, 6), (1, 16, 72)):
+        n = min(a, b)
+        u = torch.linalg.qr(torch.randn(k, a, a))[0][:, :, :n]
+        v = torch.linalg.qr(torch.randn(k, b, b))[0][:, :, :n]
+        grads = u @ torch.diag_embed(torch.logspace(0, 2, n).expand(k, n)) @ v.mT
+        ortho = orthogonalise(grads, 5)
+        assert ortho.shape == grads.shape and ortho.dtype == grads.dtype
+        singular = torch.linalg.svdvals(ortho.double())
+        assert singular.min() > 0.45 and singular.max() < 1.3, (k, a, b)
+        # the same singular vectors: U^T O V is diagonal
+        core = u.mT.double() @ ortho.double() @ v.double()
+        off = core - torch.diag_embed(torch.diagonal(core, dim1=-2, dim2=-1))
+        assert off.abs().max() < 0.05
+    # a conv kernel [O, I, k, k] is stepped as the O x (I k k) matrix it applies
+    conv = nn.Conv2d(4, 8, 3, bias=False)
+    conv.weight.grad = torch.randn_like(conv.weight) * torch.logspace(0, 2, 8)[:, None, None, None]
+    optimizer, _ = build_optimizer(conv, 1e-2, [0.9, 0.95], 0.0, 0.0, 0, 10, kind="muon")
+    before = conv.weight.detach().clone()
+    optimizer.step()
+    singular = torch.linalg.svdvals((before - conv.weight.detach()).reshape(8, 36).double())
+    assert singular.max() / singular.min() < 3

@@ -74,8 +74,9 @@ def muon_parameters(model: nn.Module) -> set[int]:
 
 def orthogonalise(updates: torch.Tensor, steps: int) -> torch.Tensor:
     """``[K, A, B]`` -> ``[K, A, B]`` (the input's dtype): each matrix replaced by about its
-    nearest semi-orthogonal matrix, ``U S' V^T`` with ``S'`` between about 0.7 and 1.2 where
-    ``U S V^T`` is its SVD, by ``steps`` quintic Newton-Schulz iterations."""
+    nearest semi-orthogonal matrix by ``steps`` quintic Newton-Schulz iterations: ``U S' V^T``
+    where ``U S V^T`` is its SVD and ``S'`` lies between about 0.5 and 1.2 (lower for singular
+    values hundreds of times below the largest)."""
     a, b, c = NS_COEFFICIENTS
     dtype = torch.bfloat16 if bf16_supported(updates.device) else torch.float32
     x = updates.to(dtype)
