@@ -212,11 +212,6 @@ class DPTHead(nn.Module):
         out = F.relu(_conv_fp32(self.out_conv2, out), inplace=True)
         return _conv_fp32(self.out_conv3, out)
 
-    def output_layers(self) -> list[nn.Module]:
-        """The layer that writes the head's output channels (points and confidence): an
-        optimiser may treat it apart from the hidden layers (:mod:`distill3r.training.muon`)."""
-        return [self.out_conv3]
-
     def image_projections(self) -> list[nn.Conv2d]:
         """The image branch's zero-initialised 1x1 projections, in the order of
         :meth:`_image_features`' additions (path, level 0, then levels 1 and 2 with

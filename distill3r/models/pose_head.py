@@ -48,10 +48,6 @@ class PoseHead(nn.Module):
         with torch.no_grad():
             self.mlp[-1].bias.copy_(torch.tensor(_IDENTITY_6D + (0.0,) * 4))
 
-    def output_layers(self) -> list[nn.Module]:
-        """The layer that writes the 10 pose numbers (see :meth:`DPTHead.output_layers`)."""
-        return [self.mlp[-1]]
-
     def forward(self, tokens: torch.Tensor, reference: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``reference`` bool ``[V]``: views whose similarity is the identity."""

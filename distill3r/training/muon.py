@@ -37,6 +37,8 @@ import torch
 from torch import nn
 
 from distill3r.devices import bf16_supported
+from distill3r.models.dpt import DPTHead
+from distill3r.models.pose_head import PoseHead
 
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)
 MUON_STATE_KEYS = ("muon", "adamw")
@@ -46,13 +48,14 @@ _IMAGE_CHANNELS = 3
 
 
 def output_layers(model: nn.Module) -> set[int]:
-    """``id``s of the layers that write a head's output: what each module's
-    ``output_layers()`` method (the DPT and pose heads) names."""
+    """``id``s of the layers that write a head's output: each DPT head's last 1x1 conv (points
+    and confidence) and the pose head's last linear layer (its 10 pose numbers)."""
     found: set[int] = set()
     for module in model.modules():
-        method = getattr(module, "output_layers", None)
-        if callable(method):
-            found.update(id(layer) for layer in method())
+        if isinstance(module, DPTHead):
+            found.add(id(module.out_conv3))
+        elif isinstance(module, PoseHead):
+            found.add(id(module.mlp[-1]))
     return found
 
 
