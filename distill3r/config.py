@@ -289,10 +289,10 @@ class TrainParams:
                        "64-true"] = "bf16-mixed"
     batch_size: int = 2
     accumulate_grad_batches: int = 1
-    max_steps: int = 4800
-    # adamw: AdamW for every parameter; muon: Muon for the hidden layers' weight matrices and
-    # conv kernels, AdamW for the rest, sharing lr, weight_decay and the schedule
-    optimizer: Literal["adamw", "muon"] = "adamw"
+    max_steps: int = 3100
+    # muon: Muon for the hidden layers' weight matrices and conv kernels, AdamW for the rest,
+    # sharing lr, weight_decay and the schedule; adamw: AdamW for every parameter
+    optimizer: Literal["adamw", "muon"] = "muon"
     lr: float = 1e-3
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW's
     muon_momentum: float = 0.95  # Muon's Nesterov momentum

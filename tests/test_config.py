@@ -78,7 +78,7 @@ PAPER_KEYS = {
     "cache.image_size", "cache.views_per_sample", "cache.max_samples_per_scene",
     "teacher.name", "model.name", "model.encoder_weights",
     "train.accelerator", "train.devices", "train.strategy", "train.accumulate_grad_batches",
-    "train.batch_size", "train.max_steps", "train.lr", "train.warmup_steps", "train.min_lr",
+    "train.batch_size", "train.max_steps", "train.optimizer", "train.lr", "train.warmup_steps", "train.min_lr",
     "train.num_workers", "train.val_every_steps", "train.checkpoint_every_steps", "infer.size",
     "bench.profile", "bench.device", "bench.threads", "bench.head_chunk_size",
 }

@@ -638,6 +638,8 @@ def test_muon_optimizer_groups_schedule_and_errors():
     scheduler.step()  # the schedule reaches the inner optimisers' groups
     assert optimizer.muon.param_groups[0]["lr"] == pytest.approx(1e-3)
     assert [g["lr"] for g in optimizer.adamw.param_groups] == pytest.approx([1e-3, 1e-3])
+    with pytest.raises(NotImplementedError, match="takes its parameter groups when it is built"):
+        optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(2, 2))]})
     with pytest.raises(ValueError, match="train.optimizer must be 'adamw' or 'muon'"):
         build_optimizer(model, 1e-3, [0.9, 0.95], 0.05, 1e-4, 2, 10, kind="sgd")
     with pytest.raises(ValueError, match="no weight matrices or kernels"):

@@ -174,6 +174,12 @@ class MuonAdamW(torch.optim.Optimizer):
         groups = self.muon.param_groups + self.adamw.param_groups
         super().__init__(groups, {"lr": lr, "weight_decay": weight_decay})
         self.param_groups = groups  # the inner optimisers' own dicts, not copies
+        self._built = True
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_built", False):  # it would reach neither inner optimiser
+            raise NotImplementedError("MuonAdamW takes its parameter groups when it is built")
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
