@@ -130,7 +130,7 @@ class Muon(torch.optim.Optimizer):
             for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["momentum_buffer"] = torch.zeros_like(p)
                 buffers.append(state["momentum_buffer"])
             momentum = group["momentum"]
             torch._foreach_lerp_(buffers, grads, 1 - momentum)
