@@ -3,7 +3,10 @@ optimiser.
 
 Muon (Keller Jordan, 2024) takes a Nesterov momentum of the gradient and replaces it by the
 nearest semi-orthogonal matrix, approximated by a quintic Newton-Schulz iteration with the
-coefficients ``(3.4445, -4.775, 2.0315)``: every direction of the update moves by about the same
+coefficients ``(3.4445, -4.775, 2.0315)`` (those of torch's ``torch.optim.Muon``,
+pytorch/pytorch ``torch/optim/_muon.py`` ``_zeropower_via_newtonschulz``, which takes 2-D
+parameters only; this module also takes convolution kernels and batches the matrices of one
+shape): every direction of the update moves by about the same
 amount, however unevenly the gradient's singular values are spread. It is meant for the hidden
 layers; a layer that reads the 3-channel image, the layer that writes a head's output and every
 bias, norm, embedding and learned token stay with AdamW. A convolution kernel ``[O, I, k, k]``
