@@ -19,7 +19,10 @@ from training_helpers import (build_tiny_cache, quiet_env, run_train, tiny_param
 
 
 def _adam_steps(state: dict) -> set[float]:
-    return {float(s["step"]) for s in state["optimizer_states"][0]["state"].values()}
+    """The step counts of the AdamW state in a checkpoint (with Muon: its AdamW half's)."""
+    optimizer = state["optimizer_states"][0]
+    optimizer = optimizer.get("adamw", optimizer)
+    return {float(s["step"]) for s in optimizer["state"].values()}
 
 
 pytestmark = pytest.mark.usefixtures("restore_torch_threads")
