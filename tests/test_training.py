@@ -28,8 +28,8 @@ from distill3r.training.augment import Augmenter, choose_views, color_jitter, sa
 from distill3r.training.callbacks import AtomicCheckpointIO
 from distill3r.training.data import CacheBatches, split_shards
 from distill3r.training.module import NonFiniteLossError
-from distill3r.training.run import resolve_precision, train
 from distill3r.training.muon import Muon, orthogonalise
+from distill3r.training.run import resolve_precision, train
 from distill3r.training.schedule import (build_optimizer, fused_supported, lr_factor,
                                          param_groups)
 from training_helpers import build_tiny_cache, tiny_params, torch_threads_restored
